@@ -1,0 +1,157 @@
+"""Compare QEMU's figures with libvirt's, exactly, under libvirt's mapping.
+
+libvirt's ``memoryStats()`` is computed from the same ``guest-stats``
+property, so the two must agree to the unit: ``bytes // 1024 == KiB`` for
+memory, equal counts, equal ``last-update``, and a figure QEMU calls
+unsupported must be absent from libvirt. A mismatch therefore means a bug
+in one of the two readers (or a libvirt that maps a name differently), not
+noise. The guest may answer between our two reads; then the two
+``last-update`` values differ and the verdict is *inconclusive*, never a
+false mismatch. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from virt_balloon_stats.stats import ACTUAL, LAST_UPDATE, STATS_BY_QEMU_NAME, GuestStats
+
+__all__ = ["Verdict", "Result", "StatCheck", "CrossCheck", "crosscheck", "skipped"]
+
+
+class Verdict(str, enum.Enum):
+    """The outcome for one figure."""
+
+    AGREE = "agree"
+    MISMATCH = "mismatch"
+    ABSENT = "absent"  # unsupported in QEMU and absent in libvirt: agreement on "nothing"
+    QMP_ONLY = "qmp_only"  # a figure libvirt has no name for (newer QEMU)
+
+
+class Result(str, enum.Enum):
+    """The outcome for one domain."""
+
+    AGREE = "agree"
+    MISMATCH = "mismatch"
+    INCONCLUSIVE = "inconclusive"
+    SKIPPED = "skipped"
+
+
+@dataclasses.dataclass(frozen=True)
+class StatCheck:
+    """One figure on both sides.
+
+    :ivar qmp: QEMU's value in ``unit``; ``None`` when unsupported.
+    :ivar libvirt: libvirt's value in ``libvirt_unit``; ``None`` when absent.
+    """
+
+    stat: str
+    verdict: Verdict
+    qmp: Optional[int]
+    libvirt: Optional[int]
+    unit: str
+    libvirt_unit: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON form used in ``crosscheck.mismatches``."""
+        return {
+            "stat": self.stat,
+            "qmp": self.qmp,
+            "libvirt": self.libvirt,
+            "unit": self.unit,
+            "libvirt_unit": self.libvirt_unit,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossCheck:
+    """The cross-check of one domain.
+
+    :ivar checks: One entry per compared figure (empty unless conclusive).
+    :ivar reason: Why the result is inconclusive or skipped, else ``""``.
+    """
+
+    result: Result
+    checks: Tuple[StatCheck, ...] = ()
+    reason: str = ""
+
+    @property
+    def mismatches(self) -> Tuple[StatCheck, ...]:
+        """The figures that disagree."""
+        return tuple(c for c in self.checks if c.verdict is Verdict.MISMATCH)
+
+    @property
+    def checked(self) -> int:
+        """How many figures were compared on both sides."""
+        return sum(1 for c in self.checks if c.verdict is not Verdict.QMP_ONLY)
+
+    def verdict_of(self, stat: str) -> Optional[Verdict]:
+        """The verdict for one figure, by QEMU name, if it was compared."""
+        for check in self.checks:
+            if check.stat == stat:
+                return check.verdict
+        return None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The ``crosscheck`` member of the JSON document."""
+        return {
+            "result": self.result.value,
+            "checked": self.checked,
+            "mismatches": [c.to_dict() for c in self.mismatches],
+            "qmp_only": [c.stat for c in self.checks if c.verdict is Verdict.QMP_ONLY],
+            "reason": self.reason,
+        }
+
+
+def skipped(reason: str) -> CrossCheck:
+    """A cross-check that was not attempted, and why."""
+    return CrossCheck(result=Result.SKIPPED, reason=reason)
+
+
+def _check(stat: str, unit: str, libvirt_unit: str, qmp: Optional[int], expected: Optional[int], libvirt: Optional[int]) -> StatCheck:
+    if qmp is None and libvirt is None:
+        verdict = Verdict.ABSENT
+    elif expected is not None and expected == libvirt:
+        verdict = Verdict.AGREE
+    else:
+        verdict = Verdict.MISMATCH
+    return StatCheck(stat, verdict, qmp, libvirt, unit, libvirt_unit)
+
+
+def crosscheck(guest: GuestStats, actual_bytes: Optional[int], memory_stats: Mapping[str, int]) -> CrossCheck:
+    """Compare QMP's ``guest-stats`` and ``actual`` with libvirt's ``memoryStats()``.
+
+    :param guest: The parsed ``guest-stats``.
+    :param actual_bytes: ``query-balloon``'s ``actual``, or ``None`` if not read.
+    :param memory_stats: ``memoryStats()`` as libvirt returned it.
+    """
+    libvirt_last = memory_stats.get(LAST_UPDATE.libvirt or "")
+    if (guest.last_update or None) != (libvirt_last or None):
+        return CrossCheck(
+            result=Result.INCONCLUSIVE,
+            reason=(
+                f"the guest answered between the two reads (last-update {guest.last_update} "
+                f"vs {libvirt_last})"
+            ),
+        )
+    checks: List[StatCheck] = []
+    for name, value in guest.values.items():
+        spec = STATS_BY_QEMU_NAME.get(name)
+        if spec is None or spec.libvirt is None:
+            checks.append(StatCheck(name, Verdict.QMP_ONLY, value, None, "", ""))
+            continue
+        expected = None if value is None else spec.to_libvirt(value)
+        checks.append(
+            _check(name, spec.unit, spec.libvirt_unit, value, expected, memory_stats.get(spec.libvirt))
+        )
+    if actual_bytes is not None:
+        checks.append(
+            _check(
+                ACTUAL.qemu, ACTUAL.unit, ACTUAL.libvirt_unit, actual_bytes,
+                ACTUAL.to_libvirt(actual_bytes), memory_stats.get(ACTUAL.libvirt or ""),
+            )
+        )
+    mismatch = any(c.verdict is Verdict.MISMATCH for c in checks)
+    return CrossCheck(result=Result.MISMATCH if mismatch else Result.AGREE, checks=tuple(checks))

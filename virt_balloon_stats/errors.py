@@ -1,0 +1,177 @@
+"""The exceptions of virt_balloon_stats: one root, raised ``from`` their cause.
+
+Every failure the library reports is a :class:`BalloonStatsError`, so a caller
+(the CLI, an agent, a sysadmin's script) needs one ``except`` clause.
+``libvirt.libvirtError`` never escapes: :mod:`virt_balloon_stats.host`
+translates it once, by error code.
+
+::
+
+    BalloonStatsError
+     +-- InvalidArgument            bad input, refused before anything is sent
+     +-- LibvirtFailure             a libvirt call failed (error code kept)
+     |    +-- ConnectionFailed      cannot open, or lost, the libvirt connection
+     |    +-- DomainNotFound        no domain with that name, UUID or id
+     |    +-- DomainNotRunning      the domain exists but is not running
+     |    +-- OperationDenied       read-only connection or insufficient rights
+     |    +-- UnsupportedHypervisor the connection is not to the QEMU driver
+     |    +-- OperationTimedOut     libvirt gave up waiting (e.g. a hung QEMU)
+     +-- QMPFailure
+     |    +-- CommandNotAllowed     not on the allowlist; never sent
+     |    +-- QMPExecuteError       QEMU answered with an ``error`` member
+     |    +-- QMPBadReply           the reply is not a well-formed QMP reply
+     +-- InvalidDomainXML           the domain XML could not be parsed
+     +-- NoBalloonDevice            the domain has no balloon (``model='none'``)
+     +-- QOMPathNotFound           the balloon could not be located in QOM
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "BalloonStatsError",
+    "InvalidArgument",
+    "LibvirtFailure",
+    "ConnectionFailed",
+    "DomainNotFound",
+    "DomainNotRunning",
+    "OperationDenied",
+    "UnsupportedHypervisor",
+    "OperationTimedOut",
+    "QMPFailure",
+    "CommandNotAllowed",
+    "QMPExecuteError",
+    "QMPBadReply",
+    "InvalidDomainXML",
+    "NoBalloonDevice",
+    "QOMPathNotFound",
+]
+
+
+class BalloonStatsError(Exception):
+    """Root of every error this library raises.
+
+    :param message: One line saying what went wrong and, where we know it,
+        what to do about it.
+    :param domain: The domain the failure concerns, when there is one; the
+        CLI prefixes its one-line error with it.
+    """
+
+    def __init__(self, message: str, *, domain: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.domain = domain
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(BalloonStatsError):
+    """Input that was refused before any call was made (nothing changed)."""
+
+
+class LibvirtFailure(BalloonStatsError):
+    """A libvirt call failed; ``code`` is libvirt's ``VIR_ERR_*`` number.
+
+    :param code: ``libvirtError.get_error_code()``, or ``None`` when unknown.
+    :param libvirt_message: libvirt's own text, kept for ``--debug`` and logs.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        domain: Optional[str] = None,
+        code: Optional[int] = None,
+        libvirt_message: Optional[str] = None,
+    ) -> None:
+        super().__init__(message, domain=domain)
+        self.code = code
+        self.libvirt_message = libvirt_message
+
+
+class ConnectionFailed(LibvirtFailure):
+    """The libvirt connection could not be opened, or was lost."""
+
+
+class DomainNotFound(LibvirtFailure):
+    """No domain matches the given name, UUID or id."""
+
+
+class DomainNotRunning(LibvirtFailure):
+    """The domain is defined but not running, so QEMU cannot be asked."""
+
+
+class OperationDenied(LibvirtFailure):
+    """libvirt refused the call: typically a read-only connection."""
+
+
+class UnsupportedHypervisor(LibvirtFailure):
+    """The call needs libvirt's QEMU driver (``qemu:///...``)."""
+
+
+class OperationTimedOut(LibvirtFailure):
+    """libvirt timed out, e.g. waiting on a QEMU that does not answer."""
+
+
+class QMPFailure(BalloonStatsError):
+    """A QMP exchange failed; ``sent`` and ``received`` are the raw texts."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        domain: Optional[str] = None,
+        sent: Optional[str] = None,
+        received: Optional[str] = None,
+    ) -> None:
+        super().__init__(message, domain=domain)
+        self.sent = sent
+        self.received = received
+
+
+class CommandNotAllowed(QMPFailure):
+    """The command is not on the allowlist, so it was never sent."""
+
+
+class QMPExecuteError(QMPFailure):
+    """QEMU executed the command and answered with an ``error`` member.
+
+    :param error_class: QMP's ``error.class`` (e.g. ``DeviceNotFound``).
+    :param desc: QMP's ``error.desc``.
+    """
+
+    def __init__(
+        self,
+        error_class: str,
+        desc: str,
+        *,
+        domain: Optional[str] = None,
+        sent: Optional[str] = None,
+        received: Optional[str] = None,
+    ) -> None:
+        super().__init__(
+            f"QEMU refused the command: {error_class}: {desc}",
+            domain=domain,
+            sent=sent,
+            received=received,
+        )
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QMPBadReply(QMPFailure):
+    """The reply is not JSON, or has neither ``return`` nor ``error``."""
+
+
+class InvalidDomainXML(BalloonStatsError):
+    """libvirt's domain XML could not be parsed."""
+
+
+class NoBalloonDevice(BalloonStatsError):
+    """The domain has no balloon device (``<memballoon model='none'/>``)."""
+
+
+class QOMPathNotFound(BalloonStatsError):
+    """The balloon device could not be located in QEMU's QOM tree."""

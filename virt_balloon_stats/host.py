@@ -1,0 +1,321 @@
+"""The libvirt edge: connections, domain look-up, and error translation.
+
+This module and :mod:`virt_balloon_stats.transport` are the only ones that
+touch libvirt. libvirt's camelCase stays here; the rest of the package sees
+:class:`Host` and :class:`Guest`, snake_case methods and plain values.
+
+Every libvirt call goes through :func:`libvirt_call`, which does two things
+in one place: it counts the call on the connection's :class:`RPCCounter`
+(so a collector or a benchmark can say exactly how many round trips a cycle
+cost), and it turns ``libvirt.libvirtError`` into this package's exceptions
+by error code. Nothing above this layer catches ``libvirtError``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import uuid as uuidlib
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import libvirt
+
+from virt_balloon_stats.errors import (
+    ConnectionFailed,
+    DomainNotFound,
+    DomainNotRunning,
+    InvalidArgument,
+    LibvirtFailure,
+    OperationDenied,
+    OperationTimedOut,
+    UnsupportedHypervisor,
+)
+
+__all__ = [
+    "DEFAULT_URI",
+    "default_uri",
+    "RPCCounter",
+    "libvirt_call",
+    "translate_error",
+    "Guest",
+    "Host",
+]
+
+#: The URI virsh uses when neither ``-c`` nor ``LIBVIRT_DEFAULT_URI`` is given
+#: (as root; we do not guess ``qemu:///session`` for other users).
+DEFAULT_URI = "qemu:///system"
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+_CONNECTION_CODES = frozenset(
+    {
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_INVALID_CONN,
+        libvirt.VIR_ERR_SYSTEM_ERROR,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_AUTH_FAILED,
+        libvirt.VIR_ERR_AUTH_CANCELLED,
+        libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+    }
+)
+
+
+def default_uri() -> str:
+    """Return the URI virsh would use: ``LIBVIRT_DEFAULT_URI``, else ``qemu:///system``."""
+    return os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
+class RPCCounter:
+    """Thread-safe count of libvirt round trips, by call name.
+
+    One per :class:`Host`; shared by every thread using that connection.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, call: str) -> None:
+        """Count one call named ``call``."""
+        with self._lock:
+            self._counts[call] += 1
+
+    def snapshot(self) -> Dict[str, int]:
+        """Return the counts so far, by call name."""
+        with self._lock:
+            return dict(self._counts)
+
+    def total(self) -> int:
+        """Return the number of calls so far."""
+        with self._lock:
+            return sum(self._counts.values())
+
+
+def translate_error(err: libvirt.libvirtError, *, call: str, domain: Optional[str]) -> LibvirtFailure:
+    """Map one ``libvirtError`` to this package's exception, by error code.
+
+    The message says what went wrong and what to do; libvirt's own text is
+    kept in ``libvirt_message`` and appended in parentheses.
+    """
+    code = err.get_error_code()
+    text = str(err)
+    fields: Dict[str, Any] = {"domain": domain, "code": code, "libvirt_message": text}
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainNotFound(
+            f"domain not found; 'virsh list --all' shows the defined domains ({text})", **fields
+        )
+    if code == libvirt.VIR_ERR_OPERATION_INVALID and "not running" in text:
+        return DomainNotRunning(
+            f"domain is not running; start it, or pick a running one with 'virsh list' ({text})",
+            **fields,
+        )
+    if code == libvirt.VIR_ERR_OPERATION_DENIED:
+        if call == "qemuMonitorCommand":
+            hint = (
+                "the QMP passthrough needs a read-write, privileged connection (root, not "
+                "--readonly); '--source libvirt' works on a read-only connection"
+            )
+        else:
+            hint = f"{call} needs a read-write, privileged connection (root, not --readonly)"
+        return OperationDenied(f"{hint} ({text})", **fields)
+    if code == libvirt.VIR_ERR_NO_SUPPORT:
+        return UnsupportedHypervisor(
+            f"{call} is not supported by this connection's driver; balloon stats through QMP "
+            f"need libvirt's QEMU driver, e.g. qemu:///system ({text})",
+            **fields,
+        )
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return OperationTimedOut(
+            f"libvirt timed out; QEMU may be hung or busy, try again later ({text})", **fields
+        )
+    if code in _CONNECTION_CODES or err.get_error_domain() in (
+        libvirt.VIR_FROM_RPC,
+        libvirt.VIR_FROM_REMOTE,
+    ):
+        return ConnectionFailed(
+            f"lost or could not open the libvirt connection; is libvirtd running? ({text})",
+            **fields,
+        )
+    return LibvirtFailure(f"{call} failed ({text})", **fields)
+
+
+@contextlib.contextmanager
+def libvirt_call(counter: RPCCounter, call: str, domain: Optional[str] = None) -> Iterator[None]:
+    """Count one libvirt call and translate its ``libvirtError``.
+
+    :raise LibvirtFailure: (or a subclass) When the call raises ``libvirtError``.
+    """
+    counter.add(call)
+    try:
+        yield
+    except libvirt.libvirtError as err:
+        raise translate_error(err, call=call, domain=domain) from err
+
+
+class Guest:
+    """One libvirt domain, as this package needs it.
+
+    Identity (name, UUID, id) is read once: the UUID and id together key
+    every per-domain cache, so a domain restarted under the same name (new
+    id, new QEMU, maybe a new QOM path) is never served stale data.
+
+    :param domain: A ``libvirt.virDomain``.
+    :param counter: The owning connection's RPC counter.
+    """
+
+    def __init__(self, domain: Any, counter: RPCCounter) -> None:
+        self.domain = domain
+        self.counter = counter
+        self.name: str = domain.name()
+        self.uuid: str = domain.UUIDString()
+        raw_id = domain.ID()
+        self.id: Optional[int] = raw_id if raw_id is not None and raw_id >= 0 else None
+
+    def __repr__(self) -> str:
+        return f"Guest(name={self.name!r}, uuid={self.uuid!r}, id={self.id!r})"
+
+    @property
+    def cache_key(self) -> tuple[str, Optional[int]]:
+        """``(uuid, id)``: changes whenever the domain is restarted."""
+        return (self.uuid, self.id)
+
+    def _call(self, call: str) -> contextlib.AbstractContextManager[None]:
+        return libvirt_call(self.counter, call, self.name)
+
+    def state(self) -> str:
+        """Return the domain state as a word: ``running``, ``paused``, ``shutoff``..."""
+        with self._call("state"):
+            state = self.domain.state()[0]
+        return _STATE_NAMES.get(state, f"unknown-{state}")
+
+    def xml(self, inactive: bool = False) -> str:
+        """Return libvirt's live domain XML, or the persistent one if ``inactive``."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        with self._call("XMLDesc"):
+            return str(self.domain.XMLDesc(flags))
+
+    def memory_stats(self) -> Dict[str, int]:
+        """Return ``virDomainMemoryStats`` as libvirt gives it (KiB and counts)."""
+        with self._call("memoryStats"):
+            stats = self.domain.memoryStats()
+        return {str(k): int(v) for k, v in stats.items()}
+
+    def set_memory_stats_period(self, seconds: int, *, live: bool, config: bool) -> None:
+        """Call ``setMemoryStatsPeriod`` on the live and/or persistent definition."""
+        flags = 0
+        if live:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if config:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        with self._call("setMemoryStatsPeriod"):
+            self.domain.setMemoryStatsPeriod(seconds, flags)
+
+
+class Host:
+    """One libvirt connection: domain look-up and bulk statistics.
+
+    Thread-safe as libvirt connections are; holds no state but the
+    connection, its URI and its :class:`RPCCounter`.
+    """
+
+    def __init__(self, conn: Any, uri: str, counter: Optional[RPCCounter] = None) -> None:
+        self.conn = conn
+        self.uri = uri
+        self.counter = counter or RPCCounter()
+
+    @classmethod
+    def open(cls, uri: Optional[str] = None, *, readonly: bool = False) -> "Host":
+        """Open a connection, by default as virsh would (see :func:`default_uri`).
+
+        :raise ConnectionFailed: When libvirt cannot connect.
+        """
+        target = uri or default_uri()
+        counter = RPCCounter()
+        call = "openReadOnly" if readonly else "open"
+        try:
+            with libvirt_call(counter, call):
+                conn = libvirt.openReadOnly(target) if readonly else libvirt.open(target)
+        except LibvirtFailure as err:
+            raise ConnectionFailed(
+                f"cannot connect to {target}; is libvirtd running and may this user use it? "
+                f"({err.libvirt_message})",
+                code=err.code,
+                libvirt_message=err.libvirt_message,
+            ) from err
+        return cls(conn, target, counter)
+
+    def close(self) -> None:
+        """Close the connection; errors on close are of no use to anyone."""
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+
+    def __enter__(self) -> "Host":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def lookup(self, spec: str) -> Guest:
+        """Find a domain as virsh does: by id, then UUID, then name.
+
+        :raise InvalidArgument: When ``spec`` is empty.
+        :raise DomainNotFound: When nothing matches.
+        """
+        if not spec:
+            raise InvalidArgument("an empty domain name was given")
+        if spec.isdigit():
+            try:
+                with libvirt_call(self.counter, "lookupByID", spec):
+                    return Guest(self.conn.lookupByID(int(spec)), self.counter)
+            except DomainNotFound:
+                pass
+        if _is_uuid(spec):
+            try:
+                with libvirt_call(self.counter, "lookupByUUIDString", spec):
+                    return Guest(self.conn.lookupByUUIDString(spec), self.counter)
+            except DomainNotFound:
+                pass
+        with libvirt_call(self.counter, "lookupByName", spec):
+            return Guest(self.conn.lookupByName(spec), self.counter)
+
+    def running_guests(self) -> List[Guest]:
+        """Return every active domain (running or paused), sorted by name."""
+        with libvirt_call(self.counter, "listAllDomains"):
+            domains = self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        return sorted((Guest(d, self.counter) for d in domains), key=lambda g: g.name)
+
+    def balloon_stats(self, guests: Sequence[Guest]) -> Dict[str, Mapping[str, int]]:
+        """Read libvirt's balloon figures for many domains in one round trip.
+
+        Uses ``virDomainListGetStats`` with ``NOWAIT``, so a domain whose QEMU
+        is busy or hung comes back without its balloon figures instead of
+        stalling the whole call for 30 s. Keys are domstats names
+        (``balloon.current``, ``balloon.last-update``...); result keyed by UUID.
+        """
+        if not guests:
+            return {}
+        flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+        with libvirt_call(self.counter, "domainListGetStats"):
+            records = self.conn.domainListGetStats(
+                [g.domain for g in guests], libvirt.VIR_DOMAIN_STATS_BALLOON, flags
+            )
+        return {dom.UUIDString(): dict(stats) for dom, stats in records}
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuidlib.UUID(text)
+    except ValueError:
+        return False
+    return True
