@@ -328,6 +328,8 @@ class BalloonStats:
         if workers < 1:
             raise InvalidArgument(f"workers must be 1 or more, not {workers}")
         guests = self.guests(refs)
+        if not refs:
+            self.paths.retain(guests)  # every running domain: forget the ones gone
         bulk: Dict[str, Mapping[str, int]] = {}
         if source in ("libvirt", "both") and guests:
             try:

@@ -41,6 +41,7 @@ __all__ = [
     "translate_error",
     "Guest",
     "Host",
+    "silence_libvirt_stderr",
 ]
 
 #: The URI virsh uses when neither ``-c`` nor ``LIBVIRT_DEFAULT_URI`` is given
@@ -248,7 +249,7 @@ class Host:
                 conn = libvirt.openReadOnly(target) if readonly else libvirt.open(target)
         except LibvirtFailure as err:
             raise ConnectionFailed(
-                f"cannot connect to {target}; is libvirtd running and may this user use it? "
+                "cannot connect; is libvirtd running, and may this user use it? "
                 f"({err.libvirt_message})",
                 code=err.code,
                 libvirt_message=err.libvirt_message,
@@ -319,3 +320,13 @@ def _is_uuid(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def silence_libvirt_stderr() -> None:
+    """Stop libvirt printing ``libvirt: QEMU Driver error : ...`` by itself.
+
+    libvirt's default error handler writes every error to stderr, even
+    those we catch and report better. This is process-wide, so only a
+    program's entry point (the CLI) calls it; a library must not.
+    """
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, Iterable, List, Optional, Tuple
 
 from virt_balloon_stats.domxml import BalloonDevice
 from virt_balloon_stats.errors import NoBalloonDevice, QMPExecuteError, QOMPathNotFound
@@ -176,6 +176,17 @@ class QOMPathCache:
         """Drop the domain's entry (e.g. after QEMU said the path is gone)."""
         with self._lock:
             for key in [k for k in self._paths if k[0] == guest.uuid]:
+                del self._paths[key]
+
+    def retain(self, guests: Iterable[Guest]) -> None:
+        """Keep only the entries of these domains (the ones still running).
+
+        A long-running collector calls this each cycle so that domains which
+        went away do not accumulate.
+        """
+        keep = {g.cache_key for g in guests}
+        with self._lock:
+            for key in [k for k in self._paths if k not in keep]:
                 del self._paths[key]
 
     def resolve(self, qmp: QMPClient, guest: Guest, device: BalloonDevice) -> QOMPath:

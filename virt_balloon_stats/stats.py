@@ -46,6 +46,8 @@ class StatSpec:
     :ivar unit: ``bytes`` or ``count`` on the QEMU side; libvirt gives KiB
         for ``bytes`` and the same number for ``count``.
     :ivar help: What the figure is, from the guest's point of view.
+    :ivar cumulative: Whether the figure only grows (faults, swap traffic):
+        a Prometheus counter, shown as a rate per second by ``watch``.
     """
 
     qemu: str
@@ -53,6 +55,7 @@ class StatSpec:
     domstats: Optional[str]
     unit: str
     help: str
+    cumulative: bool = False
 
     @property
     def libvirt_unit(self) -> str:
@@ -71,16 +74,16 @@ class StatSpec:
 #: The guest-stats figures QEMU 7.2 knows, in QEMU's order
 #: (docs/virtio-balloon-stats.txt), with libvirt's mapping.
 STATS: Tuple[StatSpec, ...] = (
-    StatSpec("stat-swap-in", "swap_in", "balloon.swap_in", "bytes", "memory swapped in"),
-    StatSpec("stat-swap-out", "swap_out", "balloon.swap_out", "bytes", "memory swapped out"),
-    StatSpec("stat-major-faults", "major_fault", "balloon.major_fault", "count", "page faults that needed disk I/O"),
-    StatSpec("stat-minor-faults", "minor_fault", "balloon.minor_fault", "count", "page faults served from memory"),
+    StatSpec("stat-swap-in", "swap_in", "balloon.swap_in", "bytes", "memory swapped in", cumulative=True),
+    StatSpec("stat-swap-out", "swap_out", "balloon.swap_out", "bytes", "memory swapped out", cumulative=True),
+    StatSpec("stat-major-faults", "major_fault", "balloon.major_fault", "count", "page faults that needed disk I/O", cumulative=True),
+    StatSpec("stat-minor-faults", "minor_fault", "balloon.minor_fault", "count", "page faults served from memory", cumulative=True),
     StatSpec("stat-free-memory", "unused", "balloon.unused", "bytes", "memory left completely unused (MemFree)"),
     StatSpec("stat-total-memory", "available", "balloon.available", "bytes", "memory the guest sees (MemTotal)"),
     StatSpec("stat-available-memory", "usable", "balloon.usable", "bytes", "memory available without swapping (MemAvailable)"),
     StatSpec("stat-disk-caches", "disk_caches", "balloon.disk_caches", "bytes", "page cache that can be reclaimed quickly"),
-    StatSpec("stat-htlb-pgalloc", "hugetlb_pgalloc", "balloon.hugetlb_pgalloc", "count", "successful hugetlb page allocations"),
-    StatSpec("stat-htlb-pgfail", "hugetlb_pgfail", "balloon.hugetlb_pgfail", "count", "failed hugetlb page allocations"),
+    StatSpec("stat-htlb-pgalloc", "hugetlb_pgalloc", "balloon.hugetlb_pgalloc", "count", "successful hugetlb page allocations", cumulative=True),
+    StatSpec("stat-htlb-pgfail", "hugetlb_pgfail", "balloon.hugetlb_pgfail", "count", "failed hugetlb page allocations", cumulative=True),
 )
 
 STATS_BY_QEMU_NAME: Mapping[str, StatSpec] = {s.qemu: s for s in STATS}

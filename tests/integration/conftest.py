@@ -1,0 +1,160 @@
+"""Integration fixtures: real libvirtd, real QEMU, real guests from contrib/testbed.
+
+Every domain made here is transient and named with the testbed prefix
+(``vbs-tb-``), and destroyed when its test or session ends. Nothing else on
+the host is touched. Under ``CI=true`` a testbed that cannot be reached fails
+the test; elsewhere it is skipped with the command that brings it up.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import libvirt
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTBED = ROOT / "contrib" / "testbed" / "vbs-testbed"
+PREFIX = "vbs-tb-"
+URI = os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
+TCP_URI = "qemu+tcp://127.0.0.1/system"
+
+
+def _unreachable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"testbed unreachable under CI: {reason}", pytrace=False)
+    pytest.skip(f"testbed unreachable ({reason}); run: sudo {TESTBED} setup && sudo {TESTBED} up --tcp")
+
+
+def testbed(*args: str, timeout: float = 180) -> str:
+    """Run the testbed script; return its stdout, fail the test on error."""
+    proc = subprocess.run(
+        [str(TESTBED), *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"vbs-testbed {' '.join(args)} failed: {proc.stderr.strip()}", pytrace=False)
+    return proc.stdout.strip()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _silence_libvirt() -> None:
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+@pytest.fixture(scope="session")
+def conn() -> Iterator["libvirt.virConnect"]:
+    """A read-write connection to the testbed's libvirtd."""
+    try:
+        c = libvirt.open(URI)
+    except libvirt.libvirtError as err:
+        _unreachable(str(err))
+        raise
+    yield c
+    c.close()
+
+
+def _name(tag: str) -> str:
+    return f"{PREFIX}{tag}-{uuid.uuid4().hex[:6]}"
+
+
+class Domains:
+    """Creates testbed domains and destroys exactly those afterwards."""
+
+    def __init__(self) -> None:
+        self.names: List[str] = []
+
+    def create(self, variant: str, tag: str, *options: str, wait_stats: bool = False, name: str = "") -> str:
+        name = name or _name(tag)
+        args = ["create", variant, "--name", name, *options]
+        if wait_stats:
+            args += ["--wait-stats", "90"]
+        self.names.append(name)
+        testbed(*args)
+        return name
+
+    def destroy_all(self) -> None:
+        if self.names:
+            subprocess.run([str(TESTBED), "destroy", *self.names], capture_output=True, timeout=120)
+            self.names.clear()
+
+
+@pytest.fixture(scope="session")
+def session_domains(conn: "libvirt.virConnect") -> Iterator[Domains]:
+    d = Domains()
+    yield d
+    d.destroy_all()
+
+
+@pytest.fixture
+def domains(conn: "libvirt.virConnect") -> Iterator[Domains]:
+    """Per-test domains, for tests that change them (suspend, setmem, period)."""
+    d = Domains()
+    yield d
+    d.destroy_all()
+
+
+# Shared, read-only guests: created once per session, in the background of
+# each other (creation returns at once; only waiting costs time).
+
+@pytest.fixture(scope="session")
+def driver_guest(session_domains: Domains) -> str:
+    """virtio balloon, stats period 2, driver answering."""
+    return session_domains.create("virtio", "drv", wait_stats=True)
+
+
+@pytest.fixture(scope="session")
+def nodriver_guest(session_domains: Domains) -> str:
+    """Balloon device present, no driver in the guest."""
+    return session_domains.create("virtio", "nodrv", "--guest", "nodriver")
+
+
+@pytest.fixture(scope="session")
+def nostats_guest(session_domains: Domains) -> str:
+    """virtio balloon without a <stats> element: polling interval 0."""
+    return session_domains.create("nostats", "nostats", wait_stats=True)
+
+
+@pytest.fixture(scope="session")
+def transitional_guest(session_domains: Domains) -> str:
+    """virtio-transitional with the user alias ua-mybal."""
+    return session_domains.create("transitional", "trans", wait_stats=True)
+
+
+@pytest.fixture(scope="session")
+def none_guest(session_domains: Domains) -> str:
+    """<memballoon model='none'/>."""
+    return session_domains.create("none", "none")
+
+
+@pytest.fixture(scope="session")
+def stale_guest(session_domains: Domains) -> str:
+    """Driver answers for 6 s, then stops: last-update freezes, interval stays 2."""
+    name = session_domains.create("virtio", "stale", "--guest", "stop", "--stop-after", "6", wait_stats=True)
+    wait_for(lambda: _age(name) > 2 * 2 + 5 + 2, timeout=60, what=f"{name} to go stale")
+    return name
+
+
+def _age(name: str) -> float:
+    out = subprocess.run(["virsh", "-c", URI, "dommemstat", name], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "last_update" and int(value) > 0:
+            return time.time() - int(value)
+    return 0.0
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, step: float = 0.5) -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)

@@ -1,0 +1,527 @@
+"""``virt-balloon-stats``: the command line, shaped like virsh.
+
+Connection habits are virsh's (``-c URI``, ``LIBVIRT_DEFAULT_URI``, ``-r``),
+domains are named as virsh names them (name, UUID or id), and ``-c`` may be
+given more than once to cover several hosts in one run.
+
+Errors are one line per failing domain on stderr, ``DOMAIN: what went wrong,
+and what to do``; a traceback only with ``--debug``. Exit status: 0 when
+every domain succeeded, 1 when some failed, 2 on a usage error, 130 when
+interrupted; ``check`` uses the Nagios codes instead (0-3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
+
+from virt_balloon_stats import __version__
+from virt_balloon_stats.client import BalloonStats
+from virt_balloon_stats.errors import BalloonStatsError, InvalidArgument
+from virt_balloon_stats.formats import format_age, render_json, render_prometheus, render_stats, render_table
+from virt_balloon_stats.host import Guest, default_uri, silence_libvirt_stderr
+from virt_balloon_stats.nagios import State, render_check
+from virt_balloon_stats.polling import ROUTES, PollingState, validate_interval
+from virt_balloon_stats.sample import SOURCES, Sample
+from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS, Status
+from virt_balloon_stats.watch import Tracker, render_frame
+
+__all__ = ["main", "build_parser"]
+
+LOG = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: Interval ``enable`` sets when none is given (what virt-manager uses).
+DEFAULT_ENABLE_PERIOD = 5
+
+_FORMATS = ("table", "json", "prometheus")
+
+
+class UsageError(Exception):
+    """A command line that cannot be acted on; exit 2."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What one invocation needs: the parsed options and where to write."""
+
+    args: argparse.Namespace
+    out: TextIO
+    err: TextIO
+    failed: bool = False
+
+    @property
+    def uris(self) -> List[str]:
+        return list(self.args.connect or [default_uri()])
+
+    @property
+    def several_hosts(self) -> bool:
+        return len(self.uris) > 1
+
+    def report(self, what: str, uri: str, error: BalloonStatsError) -> None:
+        """One line on stderr for one failing domain (or host)."""
+        self.failed = True
+        where = f" ({uri})" if self.several_hosts else ""
+        self.err.write(f"{what}{where}: {error}\n")
+        if self.args.debug:
+            traceback.print_exception(type(error), error, error.__traceback__, file=self.err)
+
+    def clients(self) -> Iterator[BalloonStats]:
+        """Open each ``-c`` URI in turn; a host that fails is reported and skipped."""
+        for uri in self.uris:
+            try:
+                client = BalloonStats.open(uri, readonly=self.args.readonly, grace=getattr(self.args, "grace", DEFAULT_GRACE_SECONDS))
+            except BalloonStatsError as err:
+                self.report(uri, uri, err)
+                continue
+            try:
+                yield client
+            finally:
+                client.close()
+
+    def guests(self, client: BalloonStats) -> List[Guest]:
+        """The domains named on the command line, or every running one with ``--all``."""
+        if getattr(self.args, "all", False):
+            try:
+                return client.guests()
+            except BalloonStatsError as err:
+                self.report(client.host.uri, client.host.uri, err)
+                return []
+        found = []
+        for spec in self.args.domains:
+            try:
+                found.append(client.guest(spec))
+            except BalloonStatsError as err:
+                self.report(spec, client.host.uri, err)
+        return found
+
+    def write(self, text: str) -> None:
+        if text:
+            self.out.write(text if text.endswith("\n") else text + "\n")
+
+
+# -- subcommands ----------------------------------------------------------------
+
+
+def _sample_all(run: Run) -> List[Sample]:
+    samples: List[Sample] = []
+    for client in run.clients():
+        samples.extend(client.sample_many(run.guests(client), run.args.source))
+    for s in samples:
+        if s.error is not None:
+            run.report(s.domain, s.uri, s.error)
+    return samples
+
+
+def cmd_stats(run: Run) -> int:
+    """Print every figure of the domains, with libvirt's beside it."""
+    samples = _sample_all(run)
+    fmt = run.args.format
+    if fmt == "json":
+        run.write(render_json([s.to_dict() for s in samples]))
+    elif fmt == "prometheus":
+        run.write(render_prometheus(samples))
+    else:
+        run.write(render_stats(samples, raw_bytes=run.args.bytes, show_uri=run.several_hosts))
+    return EXIT_FAILED if run.failed else EXIT_OK
+
+
+def _period_targets(args: argparse.Namespace) -> Tuple[List[str], Optional[str]]:
+    """``period DOM... [SECONDS]``: a trailing number after a domain is SECONDS."""
+    words = list(args.words)
+    seconds = args.set
+    if seconds is None and len(words) > 1 and words[-1].isdigit():
+        seconds = words.pop()
+    return words, seconds
+
+
+def _polling_row(uri: str, guest: Guest, state: PollingState, via: Optional[str]) -> Dict[str, Any]:
+    row: Dict[str, Any] = {"uri": uri, "domain": guest.name, "uuid": guest.uuid}
+    if via:
+        row["via"] = via
+    row.update(state.to_dict())
+    return row
+
+
+def _secs(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value} s"
+
+
+def _set_or_show(run: Run, seconds: Optional[int]) -> int:
+    args = run.args
+    rows: List[Dict[str, Any]] = []
+    for client in run.clients():
+        for guest in run.guests(client):
+            try:
+                if seconds is None:
+                    state = client.polling(guest)
+                else:
+                    live, config = args.live, args.config
+                    if not live and not config:  # virsh's --current
+                        live, config = guest.id is not None, guest.id is None
+                    state = client.set_polling_interval(guest, seconds, via=args.via, live=live, config=config)
+            except BalloonStatsError as err:
+                run.report(guest.name, client.host.uri, err)
+                continue
+            rows.append(_polling_row(client.host.uri, guest, state, args.via if seconds is not None else None))
+    if args.format == "json":
+        run.write(render_json(rows))
+    elif rows:
+        name = (lambda r: f"{r['domain']}@{r['uri']}") if run.several_hosts else (lambda r: r["domain"])
+        if seconds is None:
+            header: Tuple[str, ...] = ("DOMAIN", "QEMU INTERVAL", "LIBVIRT PERIOD", "DRIFT")
+            table: List[Tuple[str, ...]] = [(name(r), _secs(r["polling_interval"]), _secs(r["libvirt_period"]), "yes" if r["drift"] else "no") for r in rows]
+        else:
+            header = ("DOMAIN", "VIA", "BEFORE", "QEMU NOW", "LIBVIRT PERIOD", "DRIFT")
+            table = [
+                (name(r), r["via"], _secs(r["changed_from"]), _secs(r["polling_interval"]),
+                 _secs(r["libvirt_period"]), "yes" if r["drift"] else "no")
+                for r in rows
+            ]
+        run.write(render_table(header, table))
+        drifting = [r for r in rows if r["drift"]]
+        for r in drifting:
+            run.write(f"{name(r)}: {r['message']}")
+    return EXIT_FAILED if run.failed else EXIT_OK
+
+
+def cmd_period(run: Run) -> int:
+    """Show, or set and read back, the polling interval."""
+    domains, seconds = _period_targets(run.args)
+    if not domains:
+        raise UsageError("name at least one domain")
+    run.args.domains = domains
+    if seconds is None and (run.args.live or run.args.config):
+        raise UsageError("--live and --config apply when setting; give SECONDS")
+    return _set_or_show(run, None if seconds is None else validate_interval(seconds, via=run.args.via))
+
+
+def cmd_enable(run: Run) -> int:
+    """Turn polling on (default every 5 s)."""
+    return _set_or_show(run, validate_interval(run.args.period, via=run.args.via))
+
+
+def cmd_disable(run: Run) -> int:
+    """Turn polling off (interval 0)."""
+    return _set_or_show(run, 0)
+
+
+def cmd_path(run: Run) -> int:
+    """Show where each balloon lives in QOM and how it was found."""
+    rows: List[Dict[str, Any]] = []
+    for client in run.clients():
+        for guest in run.guests(client):
+            try:
+                path = client.qom_path(guest)
+            except BalloonStatsError as err:
+                run.report(guest.name, client.host.uri, err)
+                continue
+            rows.append({"uri": client.host.uri, "domain": guest.name, "uuid": guest.uuid,
+                         "qom_path": path.path, "qom_type": path.qom_type, "method": path.method,
+                         "detail": path.detail})
+    if run.args.format == "json":
+        run.write(render_json(rows))
+    elif rows:
+        run.write(render_table(
+            ("DOMAIN", "QOM PATH", "QOM TYPE", "FOUND BY"),
+            [(r["domain"] + (f"@{r['uri']}" if run.several_hosts else ""), r["qom_path"], r["qom_type"], r["method"]) for r in rows],
+        ))
+    return EXIT_FAILED if run.failed else EXIT_OK
+
+
+def cmd_check(run: Run) -> int:
+    """Nagios / Icinga plugin: one status line, perfdata, exit 0-3."""
+    samples = _sample_all(run)
+    if run.failed and not samples:
+        run.write("BALLOON UNKNOWN - no domain could be checked (see the errors above)")
+        return int(State.UNKNOWN)
+    state, text = render_check(samples, run.args.max_age)
+    if run.failed and state is State.OK:
+        state = State.UNKNOWN
+        text = text.replace("BALLOON OK", "BALLOON UNKNOWN", 1)
+    run.write(text)
+    return int(state)
+
+
+def cmd_watch(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Redraw a live view every ``--interval`` seconds until Ctrl-C."""
+    args = run.args
+    tty = run.out.isatty()
+    tracker = Tracker()
+    clients = []
+    try:
+        for uri in run.uris:
+            try:
+                clients.append(BalloonStats.open(uri, readonly=args.readonly, grace=args.grace))
+            except BalloonStatsError as err:
+                run.report(uri, uri, err)
+        if not clients:
+            return EXIT_FAILED
+        if tty:
+            run.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide cursor
+        frames = 0
+        while True:
+            samples: List[Sample] = []
+            for client in clients:
+                samples.extend(client.sample_many(run.guests(client), args.source))
+            for s in samples:
+                tracker.update(s)
+            frame = render_frame(samples, tracker, time.time(), show_uri=run.several_hosts)
+            run.out.write(("\x1b[H\x1b[J" + frame + "\n") if tty else frame + "\n\n")
+            run.out.flush()
+            frames += 1
+            if args.count and frames >= args.count:
+                break
+            sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if tty:
+            run.out.write("\x1b[?25h\x1b[?1049l")  # cursor back, leave the alternate screen
+            run.out.flush()
+        for client in clients:
+            client.close()
+    return EXIT_FAILED if run.failed else EXIT_OK
+
+
+def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Re-arm the stats timer of stale domains, then show whether they answer again."""
+    args = run.args
+    results: List[Dict[str, Any]] = []
+    for client in run.clients():
+        before = client.sample_many(run.guests(client), "qmp")
+        rearmed: List[Tuple[Sample, PollingState]] = []
+        for s in before:
+            entry: Dict[str, Any] = {"uri": s.uri, "domain": s.domain, "uuid": s.uuid,
+                                     "status_before": s.status.value, "last_update_before": s.last_update,
+                                     "rearmed": False, "status_after": None, "last_update_after": None}
+            results.append(entry)
+            if s.error is not None:
+                run.report(s.domain, s.uri, s.error)
+                continue
+            if s.status is not Status.STALE and not args.force:
+                entry["message"] = f"{s.status.value}; nothing to re-arm"
+                continue
+            try:
+                state = client.rearm(s.uuid, via=args.via)
+            except BalloonStatsError as err:
+                run.report(s.domain, s.uri, err)
+                entry["message"] = f"re-arm failed: {err}"
+                continue
+            entry["rearmed"] = True
+            rearmed.append((s, state))
+        if rearmed and args.wait:
+            sleep(min(max(st.qemu_interval or 0 for _, st in rearmed) + 1.0, args.wait))
+        for s, state in rearmed:
+            after = client.sample(s.uuid, "qmp")
+            entry = next(e for e in results if e["uuid"] == s.uuid and e["uri"] == s.uri)
+            moved = after.last_update is not None and after.last_update != s.last_update
+            entry.update(status_after=after.status.value, last_update_after=after.last_update)
+            entry["message"] = (
+                f"re-armed the {state.qemu_interval} s timer via {args.via}; "
+                + ("the guest answered again" if moved else
+                   "no answer yet: the guest's balloon driver is not responding (check the guest)")
+            )
+    if args.format == "json":
+        run.write(render_json(results))
+    else:
+        for e in results:
+            if "message" in e:
+                where = f"@{e['uri']}" if run.several_hosts else ""
+                run.write(f"{e['domain']}{where}: {e['status_before']} -> {e['status_after'] or e['status_before']}: {e['message']}")
+    return EXIT_FAILED if run.failed else EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options accepted before and after the subcommand, as virsh users expect."""
+    default = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    parser.add_argument("-c", "--connect", action="append", metavar="URI", default=default(None),
+                        help="libvirt URI; repeat for several hosts (default: $LIBVIRT_DEFAULT_URI, "
+                             "else qemu:///system)")
+    parser.add_argument("-r", "--readonly", action="store_true", default=default(False),
+                        help="read-only connection (only --source libvirt works then)")
+    parser.add_argument("--format", choices=_FORMATS, default=default("table"),
+                        help="output format (prometheus: stats only)")
+    parser.add_argument("--debug", action="store_true", default=default(False),
+                        help="show tracebacks and debug logging")
+
+
+def _domains(parser: argparse.ArgumentParser, all_allowed: bool = True) -> None:
+    parser.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain name, UUID or id")
+    if all_allowed:
+        parser.add_argument("--all", action="store_true", help="every running domain")
+
+
+def _source(parser: argparse.ArgumentParser, default: str = "both") -> None:
+    parser.add_argument("--source", choices=SOURCES, default=default,
+                        help="qmp: QEMU via the passthrough (taints the domain as custom-monitor); "
+                             "libvirt: memoryStats only, works read-only; both: cross-checked "
+                             f"(default: {default})")
+
+
+def _grace(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS, metavar="S",
+                        help="seconds beyond 2 x interval before figures count as stale "
+                             f"(default: {DEFAULT_GRACE_SECONDS})")
+
+
+def _setting(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--via", choices=ROUTES, default="libvirt",
+                        help="libvirt: setMemoryStatsPeriod, keeps libvirt's XML true (default); "
+                             "qmp: qom-set guest-stats-polling-interval")
+    parser.add_argument("--live", action="store_true", help="change the running domain")
+    parser.add_argument("--config", action="store_true",
+                        help="change the persistent definition (libvirt route); "
+                             "neither flag: the running domain, or the definition if it is not running")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = argparse.ArgumentParser(
+        prog="virt-balloon-stats",
+        description="Read, control and cross-check QEMU virtio-balloon guest memory statistics "
+                    "through libvirt.",
+        epilog="Domains are named as virsh names them: name, UUID or id. "
+               "Run 'virt-balloon-stats COMMAND --help' for each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, func: Callable[[Run], int], help_text: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=description)
+        _common(p, suppress=True)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("stats", cmd_stats, "balloon figures, beside libvirt's",
+                "Show every guest-stats figure of each domain with libvirt's memoryStats value beside "
+                "it, the status, the age of the figures and the cross-check verdict.")
+    _domains(p)
+    _source(p)
+    _grace(p)
+    p.add_argument("--bytes", action="store_true", help="raw numbers (bytes, and libvirt's KiB) instead of MiB/GiB")
+
+    p = command("period", cmd_period, "show or set the polling interval",
+                "Without SECONDS, show QEMU's live interval, libvirt's <stats period> and any drift. "
+                "With SECONDS (0 disables), set it and read QEMU's value back. A trailing number "
+                "after at least one domain is SECONDS; use --set when that is ambiguous.")
+    p.add_argument("words", nargs="+", metavar="DOMAIN... [SECONDS]")
+    p.add_argument("--set", metavar="SECONDS", help="the interval to set, in whole seconds (0 disables)")
+    _setting(p)
+
+    p = command("enable", cmd_enable, "turn stats polling on",
+                f"Set the polling interval (default {DEFAULT_ENABLE_PERIOD} s) and read it back.")
+    _domains(p, all_allowed=False)
+    p.add_argument("--period", default=DEFAULT_ENABLE_PERIOD, metavar="N",
+                   help=f"interval in seconds (default: {DEFAULT_ENABLE_PERIOD})")
+    _setting(p)
+
+    p = command("disable", cmd_disable, "turn stats polling off",
+                "Set the polling interval to 0; QEMU stops asking the guest, the last figures stay.")
+    _domains(p, all_allowed=False)
+    _setting(p)
+
+    p = command("path", cmd_path, "the balloon's QOM path",
+                "Show the balloon device's QOM path, its QOM type, and how it was found "
+                "(by its alias under /machine/peripheral, or by searching the QOM tree).")
+    _domains(p)
+
+    p = command("check", cmd_check, "Nagios/Icinga check (exit 0-3)",
+                "Monitoring-plugin check: one status line with performance data; exit 0 OK, "
+                "1 WARNING, 2 CRITICAL, 3 UNKNOWN. stale and --max-age: CRITICAL; never_updated, "
+                "polling_disabled, cross-check mismatch: WARNING; no_balloon, unreachable: "
+                "UNKNOWN; ok, paused: OK.")
+    _domains(p)
+    _source(p)
+    _grace(p)
+    p.add_argument("--max-age", type=_positive, metavar="S", help="CRITICAL when figures are older than S seconds")
+
+    p = command("watch", cmd_watch, "live view with rates and trends",
+                "Redraw a table every --interval seconds: free and available memory with a small "
+                "trend, faults and swap per second. On a terminal it redraws in place (plain ANSI); "
+                "otherwise it prints one block per interval. Ctrl-C quits.")
+    _domains(p)
+    _source(p)
+    _grace(p)
+    p.add_argument("--interval", type=_positive, default=2.0, metavar="S", help="seconds between refreshes (default: 2)")
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N refreshes (default: until Ctrl-C)")
+
+    p = command("rearm", cmd_rearm, "re-arm the stats timer of stale domains",
+                "QEMU re-arms its stats timer only when the guest answers. For each stale domain, "
+                "set the same interval again (which re-arms it), wait one interval, and report "
+                "whether the guest answered.")
+    _domains(p)
+    _grace(p)
+    p.add_argument("--via", choices=ROUTES, default="libvirt", help="route for the re-set (default: libvirt)")
+    p.add_argument("--force", action="store_true", help="re-arm every named domain, stale or not")
+    p.add_argument("--wait", type=float, default=30.0, metavar="S",
+                   help="longest wait for the guest to answer, 0 to not wait (default: 30)")
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> None:
+    domains = getattr(args, "domains", None)
+    if domains is not None and hasattr(args, "all"):
+        if args.all and domains:
+            raise UsageError("give domains or --all, not both")
+        if not args.all and not domains:
+            raise UsageError("name at least one domain, or use --all")
+    elif domains is not None and not domains:
+        raise UsageError("name at least one domain")
+    if args.format == "prometheus" and args.command != "stats":
+        raise UsageError("--format prometheus applies to 'stats' only")
+    if args.format != "table" and args.command in ("check", "watch"):
+        raise UsageError(f"'{args.command}' has its own output; --format does not apply")
+    if args.readonly and getattr(args, "source", "libvirt") != "libvirt":
+        raise UsageError("a read-only connection cannot use the QMP passthrough; add --source libvirt")
+
+
+def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    silence_libvirt_stderr()
+    try:
+        _validate(args)
+        return int(args.func(Run(args, out, err)))
+    except UsageError as exc:
+        parser.print_usage(err)
+        err.write(f"{parser.prog}: error: {exc}\n")
+        return EXIT_USAGE
+    except InvalidArgument as exc:
+        err.write(f"{exc.domain + ': ' if exc.domain else ''}{exc}\n")
+        return EXIT_USAGE
+    except BalloonStatsError as exc:
+        err.write(f"{exc.domain + ': ' if exc.domain else ''}{exc}\n")
+        if args.debug:
+            traceback.print_exc(file=err)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        err.write("Aborted at user request\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_FAILED

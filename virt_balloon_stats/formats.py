@@ -1,0 +1,218 @@
+"""Render samples for people (tables), scripts (JSON) and Prometheus (text format).
+
+Pure: samples in, text out. Memory is shown in binary units (KiB, MiB, GiB)
+as ``virsh`` and ``free -h`` do, unless the caller asks for raw numbers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from virt_balloon_stats.crosscheck import Verdict
+from virt_balloon_stats.sample import Sample
+from virt_balloon_stats.stats import ACTUAL, RSS, STATS, STATS_BY_QEMU_NAME, StatSpec, Status
+
+__all__ = [
+    "human_bytes",
+    "format_age",
+    "render_table",
+    "render_stats",
+    "render_json",
+    "metric_name",
+    "render_prometheus",
+]
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def human_bytes(value: Optional[int]) -> str:
+    """``162013184`` -> ``154.5 MiB``; ``None`` -> ``-``."""
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in _UNITS:
+        if abs(size) < 1024 or unit == _UNITS[-1]:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_age(seconds: Optional[float]) -> str:
+    """``None`` -> ``never``; else whole seconds, minutes or hours."""
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart, no trailing blanks."""
+    body = [list(header)] + [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in body) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body]
+    return "\n".join(lines)
+
+
+def _value(spec: StatSpec, value: Optional[int], raw: bool) -> str:
+    if value is None:
+        return "-"
+    if spec.unit == "bytes" and not raw:
+        return human_bytes(value)
+    return str(value)
+
+
+def _libvirt_value(spec: StatSpec, value: Optional[int], raw: bool) -> str:
+    if value is None:
+        return "-"
+    if spec.unit == "bytes":
+        return f"{value} KiB" if raw else human_bytes(spec.from_libvirt(value))
+    return str(value)
+
+
+def _stat_rows(sample: Sample, raw: bool) -> List[Tuple[str, str, str, str, str]]:
+    libvirt = sample.libvirt or {}
+    rows = []
+    names = [s.qemu for s in STATS] + [n for n in (sample.stats.values if sample.stats else {}) if n not in STATS_BY_QEMU_NAME]
+    for name in names:
+        spec = STATS_BY_QEMU_NAME.get(name) or StatSpec(name, None, None, "count", "")
+        qmp_value = sample.get(name)
+        lv = libvirt.get(spec.libvirt) if spec.libvirt else None
+        verdict = sample.crosscheck.verdict_of(name)
+        rows.append((name, _value(spec, qmp_value, raw), spec.libvirt or "-", _libvirt_value(spec, lv, raw), _verdict(verdict)))
+    lv_actual = libvirt.get(ACTUAL.libvirt or "")
+    rows.append((
+        ACTUAL.qemu, _value(ACTUAL, sample.actual_bytes, raw), ACTUAL.libvirt or "-",
+        _libvirt_value(ACTUAL, lv_actual, raw), _verdict(sample.crosscheck.verdict_of(ACTUAL.qemu)),
+    ))
+    used = sample.stats.used_bytes if sample.stats else None
+    rows.append(("used (total - available)", _value(ACTUAL, used, raw), "-", "-", ""))
+    rows.append(("-", "-", RSS.libvirt or "-", _libvirt_value(RSS, libvirt.get(RSS.libvirt or ""), raw), "host only"))
+    return rows
+
+
+def _verdict(verdict: Optional[Verdict]) -> str:
+    return {
+        None: "",
+        Verdict.AGREE: "agree",
+        Verdict.MISMATCH: "MISMATCH",
+        Verdict.ABSENT: "unsupported",
+        Verdict.QMP_ONLY: "qmp only",
+    }[verdict]
+
+
+def _when(epoch: Optional[int]) -> str:
+    if epoch is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def render_stats(samples: Sequence[Sample], *, raw_bytes: bool = False, show_uri: bool = False) -> str:
+    """The ``stats`` table: one block per domain, every figure beside libvirt's."""
+    blocks = []
+    for s in samples:
+        where = f" on {s.uri}" if show_uri else ""
+        ident = f"id {s.id}, " if s.id is not None else ""
+        lines = [
+            f"Domain: {s.domain} ({ident}{s.state}){where}",
+            f"  Status:      {s.status.value}: {s.message}",
+        ]
+        if s.status is not Status.UNREACHABLE:
+            if s.qom_path:
+                lines.append(f"  QOM path:    {s.qom_path.path} ({s.qom_path.qom_type})")
+            lines.append(f"  Polling:     {s.polling.describe()}")
+            lines.append(f"  Last update: {_when(s.last_update)} (age {format_age(s.age_seconds)})")
+            cc = s.crosscheck
+            verdict = f"{cc.result.value}" + (f", {cc.checked} figures compared" if cc.checked else "")
+            if cc.reason:
+                verdict += f" ({cc.reason})"
+            lines.append(f"  Cross-check: {verdict}")
+            if s.status is not Status.NO_BALLOON:
+                table = render_table(("QEMU", "VALUE", "LIBVIRT", "VALUE", "CHECK"), _stat_rows(s, raw_bytes))
+                lines.append("")
+                lines.extend("  " + line for line in table.splitlines())
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def render_json(documents: Sequence[Dict[str, Any]]) -> str:
+    """A JSON array, one object per domain, even for one domain."""
+    return json.dumps(list(documents), indent=2, sort_keys=False)
+
+
+# -- Prometheus text format ----------------------------------------------------
+
+_PREFIX = "virt_balloon"
+
+
+def metric_name(spec: StatSpec) -> str:
+    """``stat-free-memory`` -> ``virt_balloon_free_memory_bytes``; counters end in ``_total``."""
+    base = re.sub(r"[^a-zA-Z0-9_]", "_", spec.qemu.removeprefix("stat-"))
+    name = f"{_PREFIX}_{base}"
+    if spec.unit == "bytes":
+        name += "_bytes"
+    if spec.cumulative:
+        name += "_total"
+    return name
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(sample: Sample, **extra: str) -> str:
+    pairs = {"uri": sample.uri, "domain": sample.domain, "uuid": sample.uuid, **extra}
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items()) + "}"
+
+
+def render_prometheus(samples: Sequence[Sample]) -> str:
+    """Prometheus text exposition format (for node_exporter's textfile collector).
+
+    Unsupported figures are left out, never exported as 0. Figures from a
+    newer QEMU that this package does not know go to ``virt_balloon_guest_stat``
+    with a ``stat`` label.
+    """
+    families: Dict[str, Tuple[str, str, List[str]]] = {}
+
+    def add(name: str, kind: str, help_text: str, line: str) -> None:
+        families.setdefault(name, (kind, help_text, []))[2].append(line)
+
+    for s in samples:
+        for st in Status:
+            add(f"{_PREFIX}_status", "gauge", "1 for the domain's current status, else 0",
+                f"{_PREFIX}_status{_labels(s, status=st.value)} {int(s.status is st)}")
+        if s.stats:
+            for name, value in s.stats.values.items():
+                if value is None:
+                    continue
+                spec = STATS_BY_QEMU_NAME.get(name)
+                if spec is None:
+                    add(f"{_PREFIX}_guest_stat", "gauge", "guest stat unknown to this version, in QEMU's unit",
+                        f"{_PREFIX}_guest_stat{_labels(s, stat=name)} {value}")
+                    continue
+                metric = metric_name(spec)
+                add(metric, "counter" if spec.cumulative else "gauge", f"{spec.help} ({spec.qemu})",
+                    f"{metric}{_labels(s)} {value}")
+            if s.last_update is not None:
+                add(f"{_PREFIX}_last_update_seconds", "gauge", "epoch seconds of the guest's last answer",
+                    f"{_PREFIX}_last_update_seconds{_labels(s)} {s.last_update}")
+        if s.actual_bytes is not None:
+            add(f"{_PREFIX}_actual_bytes", "gauge", ACTUAL.help, f"{_PREFIX}_actual_bytes{_labels(s)} {s.actual_bytes}")
+        interval = s.polling.qemu_interval if s.polling.qemu_interval is not None else s.polling.libvirt_period
+        if interval is not None:
+            add(f"{_PREFIX}_polling_interval_seconds", "gauge", "guest-stats polling interval, 0 = disabled",
+                f"{_PREFIX}_polling_interval_seconds{_labels(s)} {interval}")
+        if s.crosscheck.checked:
+            add(f"{_PREFIX}_crosscheck_mismatches", "gauge", "figures where QEMU and libvirt disagree",
+                f"{_PREFIX}_crosscheck_mismatches{_labels(s)} {len(s.crosscheck.mismatches)}")
+    out = []
+    for name, (kind, help_text, lines) in families.items():
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(lines)
+    return "\n".join(out) + "\n"

@@ -1,0 +1,104 @@
+"""The ``watch`` view: rates and trends between successive samples. Pure.
+
+Rates are computed over the guest's own clock (the change of ``last-update``
+between two samples), not over our sampling interval: the figures only move
+when the guest answers, so dividing by our interval would show bursts and
+zeros. A trend is a small sparkline of the last few values.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+from typing import Deque, Dict, Optional, Sequence, Tuple
+
+from virt_balloon_stats.formats import format_age, human_bytes, render_table
+from virt_balloon_stats.sample import Sample
+
+__all__ = ["TREND_LENGTH", "sparkline", "Tracker", "render_frame"]
+
+TREND_LENGTH = 12
+_BARS = "▁▂▃▄▅▆▇█"
+
+_RATES = (
+    ("stat-major-faults", "MAJFLT/s"),
+    ("stat-minor-faults", "MINFLT/s"),
+    ("stat-swap-in", "SWAPIN/s"),
+    ("stat-swap-out", "SWAPOUT/s"),
+)
+
+
+def sparkline(values: Sequence[Optional[int]]) -> str:
+    """Eight-level bars, scaled between the lowest and highest value shown."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return ""
+    low, high = min(known), max(known)
+    span = high - low
+    out = []
+    for v in values:
+        if v is None:
+            out.append(" ")
+        else:
+            out.append(_BARS[0 if span == 0 else round((v - low) / span * (len(_BARS) - 1))])
+    return "".join(out)
+
+
+class Tracker:
+    """Remembers the previous sample and a short history per domain (by UUID)."""
+
+    def __init__(self, length: int = TREND_LENGTH) -> None:
+        self._previous: Dict[str, Sample] = {}
+        self._rates: Dict[str, Dict[str, float]] = {}
+        self._trends: Dict[str, Dict[str, Deque[Optional[int]]]] = {}
+        self._length = length
+
+    def update(self, sample: Sample) -> None:
+        """Take in a new sample of a domain."""
+        key = sample.uuid
+        prev = self._previous.get(key)
+        if prev is not None and prev.last_update is not None and sample.last_update is not None:
+            elapsed = sample.last_update - prev.last_update
+            if elapsed > 0:
+                rates = {}
+                for name, _ in _RATES:
+                    old, new = prev.get(name), sample.get(name)
+                    if old is not None and new is not None:
+                        rates[name] = max(0.0, (new - old) / elapsed)
+                self._rates[key] = rates
+        self._previous[key] = sample
+        trends = self._trends.setdefault(key, {})
+        for name in ("stat-free-memory", "stat-available-memory"):
+            trends.setdefault(name, collections.deque(maxlen=self._length)).append(sample.get(name))
+
+    def rate(self, sample: Sample, name: str) -> Optional[float]:
+        """Per-second rate of a cumulative figure, once two answers were seen."""
+        return self._rates.get(sample.uuid, {}).get(name)
+
+    def trend(self, sample: Sample, name: str) -> str:
+        """Sparkline of the last values of a figure."""
+        return sparkline(list(self._trends.get(sample.uuid, {}).get(name, ())))
+
+
+def _rate(value: Optional[float], is_bytes: bool) -> str:
+    if value is None:
+        return "-"
+    return human_bytes(int(value)) if is_bytes else f"{value:.1f}"
+
+
+def render_frame(samples: Sequence[Sample], tracker: Tracker, now: float, *, show_uri: bool = False) -> str:
+    """One screenful: a header line and a row per domain."""
+    stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    header: Tuple[str, ...] = ("DOMAIN", "STATUS", "AGE", "TOTAL", "FREE", "AVAIL") + tuple(
+        label for _, label in _RATES
+    ) + ("FREE TREND", "AVAIL TREND")
+    rows = []
+    for s in samples:
+        name = f"{s.domain}@{s.uri}" if show_uri else s.domain
+        rows.append(
+            (name, s.status.value, format_age(s.age_seconds), human_bytes(s.get("stat-total-memory")),
+             human_bytes(s.get("stat-free-memory")), human_bytes(s.get("stat-available-memory")))
+            + tuple(_rate(tracker.rate(s, n), n.startswith("stat-swap")) for n, _ in _RATES)
+            + (tracker.trend(s, "stat-free-memory"), tracker.trend(s, "stat-available-memory"))
+        )
+    return f"virt-balloon-stats watch - {stamp} - Ctrl-C to quit\n\n" + render_table(header, rows)
