@@ -11,6 +11,7 @@ import logging
 from virt_balloon_stats.client import BalloonStats
 from virt_balloon_stats.crosscheck import CrossCheck, Result, Verdict
 from virt_balloon_stats.domxml import BalloonDevice
+from virt_balloon_stats.formats import human_bytes
 from virt_balloon_stats.errors import (
     BalloonStatsError,
     CommandNotAllowed,
@@ -29,7 +30,7 @@ from virt_balloon_stats.errors import (
     QOMPathNotFound,
     UnsupportedHypervisor,
 )
-from virt_balloon_stats.host import Guest, Host, default_uri
+from virt_balloon_stats.host import Guest, Host, default_uri, silence_libvirt_stderr
 from virt_balloon_stats.polling import PollingState
 from virt_balloon_stats.qompath import QOMPath
 from virt_balloon_stats.sample import SOURCES, Sample
@@ -54,6 +55,8 @@ __all__ = [
     "Guest",
     "Host",
     "default_uri",
+    "human_bytes",
+    "silence_libvirt_stderr",
     "BalloonStatsError",
     "InvalidArgument",
     "LibvirtFailure",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Text
 from virt_balloon_stats import __version__
 from virt_balloon_stats.client import BalloonStats
 from virt_balloon_stats.errors import BalloonStatsError, InvalidArgument
-from virt_balloon_stats.formats import format_age, render_json, render_prometheus, render_stats, render_table
+from virt_balloon_stats.formats import render_json, render_prometheus, render_stats, render_table
 from virt_balloon_stats.host import Guest, default_uri, silence_libvirt_stderr
 from virt_balloon_stats.nagios import State, render_check
 from virt_balloon_stats.polling import ROUTES, PollingState, validate_interval
@@ -56,6 +55,8 @@ class Run:
     out: TextIO
     err: TextIO
     failed: bool = False
+    first_error: str = ""
+    hosts: Dict[str, bool] = dataclasses.field(default_factory=dict)
 
     @property
     def uris(self) -> List[str]:
@@ -69,7 +70,9 @@ class Run:
         """One line on stderr for one failing domain (or host)."""
         self.failed = True
         where = f" ({uri})" if self.several_hosts else ""
-        self.err.write(f"{what}{where}: {error}\n")
+        line = f"{what}{where}: {error}"
+        self.first_error = self.first_error or line
+        self.err.write(line + "\n")
         if self.args.debug:
             traceback.print_exception(type(error), error, error.__traceback__, file=self.err)
 
@@ -77,17 +80,25 @@ class Run:
         """Open each ``-c`` URI in turn; a host that fails is reported and skipped."""
         for uri in self.uris:
             try:
-                client = BalloonStats.open(uri, readonly=self.args.readonly, grace=getattr(self.args, "grace", DEFAULT_GRACE_SECONDS))
+                client = BalloonStats.open(
+                    uri, readonly=self.args.readonly, grace=getattr(self.args, "grace", DEFAULT_GRACE_SECONDS)
+                )
             except BalloonStatsError as err:
+                self.hosts[uri] = False
                 self.report(uri, uri, err)
                 continue
+            self.hosts[uri] = True
             try:
                 yield client
             finally:
                 client.close()
 
     def guests(self, client: BalloonStats) -> List[Guest]:
-        """The domains named on the command line, or every running one with ``--all``."""
+        """The domains named on the command line, or every running one with ``--all``.
+
+        Names that do not resolve are reported and left out; when none
+        resolves the list is empty, and nothing is done.
+        """
         if getattr(self.args, "all", False):
             try:
                 return client.guests()
@@ -127,7 +138,7 @@ def cmd_stats(run: Run) -> int:
     if fmt == "json":
         run.write(render_json([s.to_dict() for s in samples]))
     elif fmt == "prometheus":
-        run.write(render_prometheus(samples))
+        run.write(render_prometheus(samples, run.hosts))
     else:
         run.write(render_stats(samples, raw_bytes=run.args.bytes, show_uri=run.several_hosts))
     return EXIT_FAILED if run.failed else EXIT_OK
@@ -166,23 +177,41 @@ def _set_or_show(run: Run, seconds: Optional[int]) -> int:
                     live, config = args.live, args.config
                     if not live and not config:  # virsh's --current
                         live, config = guest.id is not None, guest.id is None
-                    state = client.set_polling_interval(guest, seconds, via=args.via, live=live, config=config)
+                    state = client.set_polling_interval(
+                        guest, seconds, via=args.via, live=live, config=config
+                    )
             except BalloonStatsError as err:
                 run.report(guest.name, client.host.uri, err)
                 continue
-            rows.append(_polling_row(client.host.uri, guest, state, args.via if seconds is not None else None))
+            rows.append(
+                _polling_row(client.host.uri, guest, state, args.via if seconds is not None else None)
+            )
     if args.format == "json":
         run.write(render_json(rows))
     elif rows:
         name = (lambda r: f"{r['domain']}@{r['uri']}") if run.several_hosts else (lambda r: r["domain"])
         if seconds is None:
             header: Tuple[str, ...] = ("DOMAIN", "QEMU INTERVAL", "LIBVIRT PERIOD", "DRIFT")
-            table: List[Tuple[str, ...]] = [(name(r), _secs(r["polling_interval"]), _secs(r["libvirt_period"]), "yes" if r["drift"] else "no") for r in rows]
+            table: List[Tuple[str, ...]] = [
+                (
+                    name(r),
+                    _secs(r["polling_interval"]),
+                    _secs(r["libvirt_period"]),
+                    "yes" if r["drift"] else "no",
+                )
+                for r in rows
+            ]
         else:
             header = ("DOMAIN", "VIA", "BEFORE", "QEMU NOW", "LIBVIRT PERIOD", "DRIFT")
             table = [
-                (name(r), r["via"], _secs(r["changed_from"]), _secs(r["polling_interval"]),
-                 _secs(r["libvirt_period"]), "yes" if r["drift"] else "no")
+                (
+                    name(r),
+                    r["via"],
+                    _secs(r["changed_from"]),
+                    _secs(r["polling_interval"]),
+                    _secs(r["libvirt_period"]),
+                    "yes" if r["drift"] else "no",
+                )
                 for r in rows
             ]
         run.write(render_table(header, table))
@@ -223,16 +252,34 @@ def cmd_path(run: Run) -> int:
             except BalloonStatsError as err:
                 run.report(guest.name, client.host.uri, err)
                 continue
-            rows.append({"uri": client.host.uri, "domain": guest.name, "uuid": guest.uuid,
-                         "qom_path": path.path, "qom_type": path.qom_type, "method": path.method,
-                         "detail": path.detail})
+            rows.append(
+                {
+                    "uri": client.host.uri,
+                    "domain": guest.name,
+                    "uuid": guest.uuid,
+                    "qom_path": path.path,
+                    "qom_type": path.qom_type,
+                    "method": path.method,
+                    "detail": path.detail,
+                }
+            )
     if run.args.format == "json":
         run.write(render_json(rows))
     elif rows:
-        run.write(render_table(
-            ("DOMAIN", "QOM PATH", "QOM TYPE", "FOUND BY"),
-            [(r["domain"] + (f"@{r['uri']}" if run.several_hosts else ""), r["qom_path"], r["qom_type"], r["method"]) for r in rows],
-        ))
+        run.write(
+            render_table(
+                ("DOMAIN", "QOM PATH", "QOM TYPE", "FOUND BY"),
+                [
+                    (
+                        r["domain"] + (f"@{r['uri']}" if run.several_hosts else ""),
+                        r["qom_path"],
+                        r["qom_type"],
+                        r["method"],
+                    )
+                    for r in rows
+                ],
+            )
+        )
     return EXIT_FAILED if run.failed else EXIT_OK
 
 
@@ -240,12 +287,15 @@ def cmd_check(run: Run) -> int:
     """Nagios / Icinga plugin: one status line, perfdata, exit 0-3."""
     samples = _sample_all(run)
     if run.failed and not samples:
-        run.write("BALLOON UNKNOWN - no domain could be checked (see the errors above)")
+        run.write(f"BALLOON UNKNOWN - no domain could be checked: {run.first_error}")
         return int(State.UNKNOWN)
+    if not samples:
+        run.write("BALLOON OK - no running domain")
+        return int(State.OK)
     state, text = render_check(samples, run.args.max_age)
     if run.failed and state is State.OK:
         state = State.UNKNOWN
-        text = text.replace("BALLOON OK", "BALLOON UNKNOWN", 1)
+        text = text.replace("BALLOON OK -", f"BALLOON UNKNOWN - {run.first_error};", 1)
     run.write(text)
     return int(state)
 
@@ -299,9 +349,16 @@ def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
         before = client.sample_many(run.guests(client), "qmp")
         rearmed: List[Tuple[Sample, PollingState]] = []
         for s in before:
-            entry: Dict[str, Any] = {"uri": s.uri, "domain": s.domain, "uuid": s.uuid,
-                                     "status_before": s.status.value, "last_update_before": s.last_update,
-                                     "rearmed": False, "status_after": None, "last_update_after": None}
+            entry: Dict[str, Any] = {
+                "uri": s.uri,
+                "domain": s.domain,
+                "uuid": s.uuid,
+                "status_before": s.status.value,
+                "last_update_before": s.last_update,
+                "rearmed": False,
+                "status_after": None,
+                "last_update_after": None,
+            }
             results.append(entry)
             if s.error is not None:
                 run.report(s.domain, s.uri, s.error)
@@ -324,10 +381,10 @@ def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
             entry = next(e for e in results if e["uuid"] == s.uuid and e["uri"] == s.uri)
             moved = after.last_update is not None and after.last_update != s.last_update
             entry.update(status_after=after.status.value, last_update_after=after.last_update)
-            entry["message"] = (
-                f"re-armed the {state.qemu_interval} s timer via {args.via}; "
-                + ("the guest answered again" if moved else
-                   "no answer yet: the guest's balloon driver is not responding (check the guest)")
+            entry["message"] = f"re-armed the {state.qemu_interval} s timer via {args.via}; " + (
+                "the guest answered again"
+                if moved
+                else "no answer yet: the guest's balloon driver is not responding (check the guest)"
             )
     if args.format == "json":
         run.write(render_json(results))
@@ -335,7 +392,10 @@ def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
         for e in results:
             if "message" in e:
                 where = f"@{e['uri']}" if run.several_hosts else ""
-                run.write(f"{e['domain']}{where}: {e['status_before']} -> {e['status_after'] or e['status_before']}: {e['message']}")
+                run.write(
+                    f"{e['domain']}{where}: {e['status_before']} -> "
+                    f"{e['status_after'] or e['status_before']}: {e['message']}"
+                )
     return EXIT_FAILED if run.failed else EXIT_OK
 
 
@@ -345,15 +405,27 @@ def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """Options accepted before and after the subcommand, as virsh users expect."""
     default = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
-    parser.add_argument("-c", "--connect", action="append", metavar="URI", default=default(None),
-                        help="libvirt URI; repeat for several hosts (default: $LIBVIRT_DEFAULT_URI, "
-                             "else qemu:///system)")
-    parser.add_argument("-r", "--readonly", action="store_true", default=default(False),
-                        help="read-only connection (only --source libvirt works then)")
-    parser.add_argument("--format", choices=_FORMATS, default=default("table"),
-                        help="output format (prometheus: stats only)")
-    parser.add_argument("--debug", action="store_true", default=default(False),
-                        help="show tracebacks and debug logging")
+    parser.add_argument(
+        "-c",
+        "--connect",
+        action="append",
+        metavar="URI",
+        default=default(None),
+        help="libvirt URI; repeat for several hosts (default: $LIBVIRT_DEFAULT_URI, " "else qemu:///system)",
+    )
+    parser.add_argument(
+        "-r",
+        "--readonly",
+        action="store_true",
+        default=default(False),
+        help="read-only connection (only --source libvirt works then)",
+    )
+    parser.add_argument(
+        "--format", choices=_FORMATS, default=default("table"), help="output format (prometheus: stats only)"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=default(False), help="show tracebacks and debug logging"
+    )
 
 
 def _domains(parser: argparse.ArgumentParser, all_allowed: bool = True) -> None:
@@ -363,26 +435,42 @@ def _domains(parser: argparse.ArgumentParser, all_allowed: bool = True) -> None:
 
 
 def _source(parser: argparse.ArgumentParser, default: str = "both") -> None:
-    parser.add_argument("--source", choices=SOURCES, default=default,
-                        help="qmp: QEMU via the passthrough (taints the domain as custom-monitor); "
-                             "libvirt: memoryStats only, works read-only; both: cross-checked "
-                             f"(default: {default})")
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default=default,
+        help="qmp: QEMU via the passthrough (taints the domain as custom-monitor); "
+        "libvirt: memoryStats only, works read-only; both: cross-checked "
+        f"(default: {default})",
+    )
 
 
 def _grace(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS, metavar="S",
-                        help="seconds beyond 2 x interval before figures count as stale "
-                             f"(default: {DEFAULT_GRACE_SECONDS})")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_SECONDS,
+        metavar="S",
+        help="seconds beyond 2 x interval before figures count as stale "
+        f"(default: {DEFAULT_GRACE_SECONDS})",
+    )
 
 
 def _setting(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--via", choices=ROUTES, default="libvirt",
-                        help="libvirt: setMemoryStatsPeriod, keeps libvirt's XML true (default); "
-                             "qmp: qom-set guest-stats-polling-interval")
+    parser.add_argument(
+        "--via",
+        choices=ROUTES,
+        default="libvirt",
+        help="libvirt: setMemoryStatsPeriod, keeps libvirt's XML true (default); "
+        "qmp: qom-set guest-stats-polling-interval",
+    )
     parser.add_argument("--live", action="store_true", help="change the running domain")
-    parser.add_argument("--config", action="store_true",
-                        help="change the persistent definition (libvirt route); "
-                             "neither flag: the running domain, or the definition if it is not running")
+    parser.add_argument(
+        "--config",
+        action="store_true",
+        help="change the persistent definition (libvirt route); "
+        "neither flag: the running domain, or the definition if it is not running",
+    )
 
 
 def _positive(text: str) -> float:
@@ -400,84 +488,135 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="virt-balloon-stats",
         description="Read, control and cross-check QEMU virtio-balloon guest memory statistics "
-                    "through libvirt.",
+        "through libvirt.",
         epilog="Domains are named as virsh names them: name, UUID or id. "
-               "Run 'virt-balloon-stats COMMAND --help' for each command.",
+        "Run 'virt-balloon-stats COMMAND --help' for each command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def command(name: str, func: Callable[[Run], int], help_text: str, description: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[[Run], int], help_text: str, description: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=description)
         _common(p, suppress=True)
         p.set_defaults(func=func)
         return p
 
-    p = command("stats", cmd_stats, "balloon figures, beside libvirt's",
-                "Show every guest-stats figure of each domain with libvirt's memoryStats value beside "
-                "it, the status, the age of the figures and the cross-check verdict.")
+    p = command(
+        "stats",
+        cmd_stats,
+        "balloon figures, beside libvirt's",
+        "Show every guest-stats figure of each domain with libvirt's memoryStats value beside "
+        "it, the status, the age of the figures and the cross-check verdict.",
+    )
     _domains(p)
     _source(p)
     _grace(p)
-    p.add_argument("--bytes", action="store_true", help="raw numbers (bytes, and libvirt's KiB) instead of MiB/GiB")
+    p.add_argument(
+        "--bytes", action="store_true", help="raw numbers (bytes, and libvirt's KiB) instead of MiB/GiB"
+    )
 
-    p = command("period", cmd_period, "show or set the polling interval",
-                "Without SECONDS, show QEMU's live interval, libvirt's <stats period> and any drift. "
-                "With SECONDS (0 disables), set it and read QEMU's value back. A trailing number "
-                "after at least one domain is SECONDS; use --set when that is ambiguous.")
+    p = command(
+        "period",
+        cmd_period,
+        "show or set the polling interval",
+        "Without SECONDS, show QEMU's live interval, libvirt's <stats period> and any drift. "
+        "With SECONDS (0 disables), set it and read QEMU's value back. A trailing number "
+        "after at least one domain is SECONDS; use --set when that is ambiguous.",
+    )
     p.add_argument("words", nargs="+", metavar="DOMAIN... [SECONDS]")
     p.add_argument("--set", metavar="SECONDS", help="the interval to set, in whole seconds (0 disables)")
     _setting(p)
 
-    p = command("enable", cmd_enable, "turn stats polling on",
-                f"Set the polling interval (default {DEFAULT_ENABLE_PERIOD} s) and read it back.")
+    p = command(
+        "enable",
+        cmd_enable,
+        "turn stats polling on",
+        f"Set the polling interval (default {DEFAULT_ENABLE_PERIOD} s) and read it back.",
+    )
     _domains(p, all_allowed=False)
-    p.add_argument("--period", default=DEFAULT_ENABLE_PERIOD, metavar="N",
-                   help=f"interval in seconds (default: {DEFAULT_ENABLE_PERIOD})")
+    p.add_argument(
+        "--period",
+        default=DEFAULT_ENABLE_PERIOD,
+        metavar="N",
+        help=f"interval in seconds (default: {DEFAULT_ENABLE_PERIOD})",
+    )
     _setting(p)
 
-    p = command("disable", cmd_disable, "turn stats polling off",
-                "Set the polling interval to 0; QEMU stops asking the guest, the last figures stay.")
+    p = command(
+        "disable",
+        cmd_disable,
+        "turn stats polling off",
+        "Set the polling interval to 0; QEMU stops asking the guest, the last figures stay.",
+    )
     _domains(p, all_allowed=False)
     _setting(p)
 
-    p = command("path", cmd_path, "the balloon's QOM path",
-                "Show the balloon device's QOM path, its QOM type, and how it was found "
-                "(by its alias under /machine/peripheral, or by searching the QOM tree).")
+    p = command(
+        "path",
+        cmd_path,
+        "the balloon's QOM path",
+        "Show the balloon device's QOM path, its QOM type, and how it was found "
+        "(by its alias under /machine/peripheral, or by searching the QOM tree).",
+    )
     _domains(p)
 
-    p = command("check", cmd_check, "Nagios/Icinga check (exit 0-3)",
-                "Monitoring-plugin check: one status line with performance data; exit 0 OK, "
-                "1 WARNING, 2 CRITICAL, 3 UNKNOWN. stale and --max-age: CRITICAL; never_updated, "
-                "polling_disabled, cross-check mismatch: WARNING; no_balloon, unreachable: "
-                "UNKNOWN; ok, paused: OK.")
+    p = command(
+        "check",
+        cmd_check,
+        "Nagios/Icinga check (exit 0-3)",
+        "Monitoring-plugin check: one status line with performance data; exit 0 OK, "
+        "1 WARNING, 2 CRITICAL, 3 UNKNOWN. stale and --max-age: CRITICAL; never_updated, "
+        "polling_disabled, cross-check mismatch: WARNING; no_balloon, unreachable: "
+        "UNKNOWN; ok, paused: OK.",
+    )
     _domains(p)
     _source(p)
     _grace(p)
-    p.add_argument("--max-age", type=_positive, metavar="S", help="CRITICAL when figures are older than S seconds")
+    p.add_argument(
+        "--max-age", type=_positive, metavar="S", help="CRITICAL when figures are older than S seconds"
+    )
 
-    p = command("watch", cmd_watch, "live view with rates and trends",
-                "Redraw a table every --interval seconds: free and available memory with a small "
-                "trend, faults and swap per second. On a terminal it redraws in place (plain ANSI); "
-                "otherwise it prints one block per interval. Ctrl-C quits.")
+    p = command(
+        "watch",
+        cmd_watch,
+        "live view with rates and trends",
+        "Redraw a table every --interval seconds: free and available memory with a small "
+        "trend, faults and swap per second. On a terminal it redraws in place (plain ANSI); "
+        "otherwise it prints one block per interval. Ctrl-C quits.",
+    )
     _domains(p)
     _source(p)
     _grace(p)
-    p.add_argument("--interval", type=_positive, default=2.0, metavar="S", help="seconds between refreshes (default: 2)")
-    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N refreshes (default: until Ctrl-C)")
+    p.add_argument(
+        "--interval", type=_positive, default=2.0, metavar="S", help="seconds between refreshes (default: 2)"
+    )
+    p.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N refreshes (default: until Ctrl-C)"
+    )
 
-    p = command("rearm", cmd_rearm, "re-arm the stats timer of stale domains",
-                "QEMU re-arms its stats timer only when the guest answers. For each stale domain, "
-                "set the same interval again (which re-arms it), wait one interval, and report "
-                "whether the guest answered.")
+    p = command(
+        "rearm",
+        cmd_rearm,
+        "re-arm the stats timer of stale domains",
+        "QEMU re-arms its stats timer only when the guest answers. For each stale domain, "
+        "set the same interval again (which re-arms it), wait one interval, and report "
+        "whether the guest answered.",
+    )
     _domains(p)
     _grace(p)
     p.add_argument("--via", choices=ROUTES, default="libvirt", help="route for the re-set (default: libvirt)")
     p.add_argument("--force", action="store_true", help="re-arm every named domain, stale or not")
-    p.add_argument("--wait", type=float, default=30.0, metavar="S",
-                   help="longest wait for the guest to answer, 0 to not wait (default: 30)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="longest wait for the guest to answer, 0 to not wait (default: 30)",
+    )
     return parser
 
 
@@ -502,8 +641,9 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     silence_libvirt_stderr()
     try:
         _validate(args)

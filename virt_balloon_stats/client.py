@@ -84,7 +84,9 @@ class BalloonStats:
         self.paths = QOMPathCache()
 
     @classmethod
-    def open(cls, uri: Optional[str] = None, *, readonly: bool = False, grace: float = DEFAULT_GRACE_SECONDS) -> "BalloonStats":
+    def open(
+        cls, uri: Optional[str] = None, *, readonly: bool = False, grace: float = DEFAULT_GRACE_SECONDS
+    ) -> "BalloonStats":
         """Connect as virsh would (``LIBVIRT_DEFAULT_URI``, else ``qemu:///system``).
 
         :raise ConnectionFailed: When libvirt cannot connect.
@@ -115,9 +117,13 @@ class BalloonStats:
         """
         return ref if isinstance(ref, Guest) else self.host.lookup(ref)
 
-    def guests(self, refs: Sequence[GuestRef] = ()) -> List[Guest]:
-        """The given domains, or every running domain when none is given."""
-        if not refs:
+    def guests(self, refs: Optional[Sequence[GuestRef]] = None) -> List[Guest]:
+        """The given domains, or every running domain when ``refs`` is ``None``.
+
+        An empty sequence means no domain: a caller whose every name failed
+        to resolve must not end up acting on the whole host.
+        """
+        if refs is None:
             return self.host.running_guests()
         return [self.guest(r) for r in refs]
 
@@ -185,7 +191,9 @@ class BalloonStats:
         if not live and not config:
             raise InvalidArgument("nothing to change: ask for live, config, or both")
         if via == "qmp" and config:
-            raise InvalidArgument("a persistent (config) change needs the libvirt route; QMP only reaches the running QEMU")
+            raise InvalidArgument(
+                "a persistent (config) change needs the libvirt route; QMP only reaches the running QEMU"
+            )
         guest = self.guest(ref)
         before = self.polling(guest).qemu_interval if live else None
         if via == "libvirt":
@@ -219,7 +227,9 @@ class BalloonStats:
 
     # -- sampling ------------------------------------------------------------
 
-    def sample(self, ref: GuestRef, source: str = "both", *, prefetched: Optional[Mapping[str, int]] = None) -> Sample:
+    def sample(
+        self, ref: GuestRef, source: str = "both", *, prefetched: Optional[Mapping[str, int]] = None
+    ) -> Sample:
         """Read one domain's figures; failures become an ``unreachable`` sample.
 
         :param source: One of :data:`~virt_balloon_stats.sample.SOURCES`.
@@ -241,9 +251,13 @@ class BalloonStats:
             return self._sample(guest, device, state, source, base, prefetched)
         except BalloonStatsError as err:
             return base.sample(
-                state=state, sampled_at=self.clock(), status=Status.UNREACHABLE,
-                message=f"{err}", polling=PollingState(None, libvirt_period),
-                crosscheck=skipped("the figures could not be read"), error=err,
+                state=state,
+                sampled_at=self.clock(),
+                status=Status.UNREACHABLE,
+                message=f"{err}",
+                polling=PollingState(None, libvirt_period),
+                crosscheck=skipped("the figures could not be read"),
+                error=err,
             )
 
     def _sample(
@@ -261,10 +275,16 @@ class BalloonStats:
         if use_libvirt:
             libvirt_stats = prefetched if prefetched is not None else guest.memory_stats()
         if not device.present:
-            status, message = classify(state=state, has_balloon=False, interval=None, last_update=None, now=self.clock())
+            status, message = classify(
+                state=state, has_balloon=False, interval=None, last_update=None, now=self.clock()
+            )
             return base.sample(
-                state=state, sampled_at=self.clock(), status=status, message=message,
-                polling=PollingState(None, device.stats_period), libvirt=libvirt_stats,
+                state=state,
+                sampled_at=self.clock(),
+                status=status,
+                message=message,
+                polling=PollingState(None, device.stats_period),
+                libvirt=libvirt_stats,
                 crosscheck=skipped("no balloon device"),
             )
         path: Optional[QOMPath] = None
@@ -275,20 +295,32 @@ class BalloonStats:
             path, value = self._qom_get(guest, device, POLLING_PROPERTY)
             interval = int(str(value))
             actual = self.qmp.query_balloon(guest)
-            stats, libvirt_stats, check = self._read_guest_stats(guest, device, actual, libvirt_stats, use_libvirt)
+            stats, libvirt_stats, check = self._read_guest_stats(
+                guest, device, actual, libvirt_stats, use_libvirt
+            )
         else:
             assert libvirt_stats is not None
             stats, actual = stats_from_libvirt(libvirt_stats)
         now = self.clock()
         status, message = classify(
-            state=state, has_balloon=True,
+            state=state,
+            has_balloon=True,
             interval=interval if use_qmp else device.stats_period,
-            last_update=stats.last_update, now=now, grace=self.grace,
+            last_update=stats.last_update,
+            now=now,
+            grace=self.grace,
         )
         return base.sample(
-            state=state, sampled_at=now, status=status, message=message,
-            polling=PollingState(interval, device.stats_period), crosscheck=check, qom_path=path,
-            stats=stats, actual_bytes=actual, libvirt=libvirt_stats,
+            state=state,
+            sampled_at=now,
+            status=status,
+            message=message,
+            polling=PollingState(interval, device.stats_period),
+            crosscheck=check,
+            qom_path=path,
+            stats=stats,
+            actual_bytes=actual,
+            libvirt=libvirt_stats,
         )
 
     def _read_guest_stats(
@@ -306,7 +338,11 @@ class BalloonStats:
             return stats, None, skipped("source is qmp; the cross-check needs both")
         check = skipped("not attempted")
         for attempt in range(CROSSCHECK_ATTEMPTS):
-            if attempt or libvirt_stats is None or libvirt_stats.get(LAST_UPDATE.libvirt or "") != stats.last_update:
+            if (
+                attempt
+                or libvirt_stats is None
+                or libvirt_stats.get(LAST_UPDATE.libvirt or "") != stats.last_update
+            ):
                 if attempt:
                     _, value = self._qom_get(guest, device, "guest-stats")
                     stats = parse_guest_stats(value)
@@ -317,9 +353,13 @@ class BalloonStats:
         return stats, libvirt_stats, check
 
     def sample_many(
-        self, refs: Sequence[GuestRef] = (), source: str = "both", *, workers: int = DEFAULT_WORKERS
+        self,
+        refs: Optional[Sequence[GuestRef]] = None,
+        source: str = "both",
+        *,
+        workers: int = DEFAULT_WORKERS,
     ) -> List[Sample]:
-        """Sample several domains (every running one when none is given), in parallel.
+        """Sample several domains (every running one when ``refs`` is ``None``), in parallel.
 
         libvirt's figures for all of them come from one bulk call with
         ``NOWAIT``, so a hung QEMU costs its own sample, not everyone's.
@@ -328,7 +368,7 @@ class BalloonStats:
         if workers < 1:
             raise InvalidArgument(f"workers must be 1 or more, not {workers}")
         guests = self.guests(refs)
-        if not refs:
+        if refs is None:
             self.paths.retain(guests)  # every running domain: forget the ones gone
         bulk: Dict[str, Mapping[str, int]] = {}
         if source in ("libvirt", "both") and guests:
@@ -370,8 +410,20 @@ class _Identity:
         error: Optional[BalloonStatsError] = None,
     ) -> Sample:
         return Sample(
-            uri=self.uri, domain=self.guest.name, uuid=self.guest.uuid, id=self.guest.id,
-            source=self.source, state=state, sampled_at=sampled_at, status=status,
-            message=message, polling=polling, crosscheck=crosscheck, qom_path=qom_path,
-            stats=stats, actual_bytes=actual_bytes, libvirt=libvirt, error=error,
+            uri=self.uri,
+            domain=self.guest.name,
+            uuid=self.guest.uuid,
+            id=self.guest.id,
+            source=self.source,
+            state=state,
+            sampled_at=sampled_at,
+            status=status,
+            message=message,
+            polling=polling,
+            crosscheck=crosscheck,
+            qom_path=qom_path,
+            stats=stats,
+            actual_bytes=actual_bytes,
+            libvirt=libvirt,
+            error=error,
         )

@@ -110,7 +110,14 @@ def skipped(reason: str) -> CrossCheck:
     return CrossCheck(result=Result.SKIPPED, reason=reason)
 
 
-def _check(stat: str, unit: str, libvirt_unit: str, qmp: Optional[int], expected: Optional[int], libvirt: Optional[int]) -> StatCheck:
+def _check(
+    stat: str,
+    unit: str,
+    libvirt_unit: str,
+    qmp: Optional[int],
+    expected: Optional[int],
+    libvirt: Optional[int],
+) -> StatCheck:
     if qmp is None and libvirt is None:
         verdict = Verdict.ABSENT
     elif expected is not None and expected == libvirt:
@@ -149,8 +156,12 @@ def crosscheck(guest: GuestStats, actual_bytes: Optional[int], memory_stats: Map
     if actual_bytes is not None:
         checks.append(
             _check(
-                ACTUAL.qemu, ACTUAL.unit, ACTUAL.libvirt_unit, actual_bytes,
-                ACTUAL.to_libvirt(actual_bytes), memory_stats.get(ACTUAL.libvirt or ""),
+                ACTUAL.qemu,
+                ACTUAL.unit,
+                ACTUAL.libvirt_unit,
+                actual_bytes,
+                ACTUAL.to_libvirt(actual_bytes),
+                memory_stats.get(ACTUAL.libvirt or ""),
             )
         )
     mismatch = any(c.verdict is Verdict.MISMATCH for c in checks)

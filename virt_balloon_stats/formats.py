@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from virt_balloon_stats.crosscheck import Verdict
 from virt_balloon_stats.sample import Sample
@@ -78,21 +78,38 @@ def _libvirt_value(spec: StatSpec, value: Optional[int], raw: bool) -> str:
 def _stat_rows(sample: Sample, raw: bool) -> List[Tuple[str, str, str, str, str]]:
     libvirt = sample.libvirt or {}
     rows = []
-    names = [s.qemu for s in STATS] + [n for n in (sample.stats.values if sample.stats else {}) if n not in STATS_BY_QEMU_NAME]
+    names = [s.qemu for s in STATS] + [
+        n for n in (sample.stats.values if sample.stats else {}) if n not in STATS_BY_QEMU_NAME
+    ]
     for name in names:
         spec = STATS_BY_QEMU_NAME.get(name) or StatSpec(name, None, None, "count", "")
         qmp_value = sample.get(name)
         lv = libvirt.get(spec.libvirt) if spec.libvirt else None
         verdict = sample.crosscheck.verdict_of(name)
-        rows.append((name, _value(spec, qmp_value, raw), spec.libvirt or "-", _libvirt_value(spec, lv, raw), _verdict(verdict)))
+        rows.append(
+            (
+                name,
+                _value(spec, qmp_value, raw),
+                spec.libvirt or "-",
+                _libvirt_value(spec, lv, raw),
+                _verdict(verdict),
+            )
+        )
     lv_actual = libvirt.get(ACTUAL.libvirt or "")
-    rows.append((
-        ACTUAL.qemu, _value(ACTUAL, sample.actual_bytes, raw), ACTUAL.libvirt or "-",
-        _libvirt_value(ACTUAL, lv_actual, raw), _verdict(sample.crosscheck.verdict_of(ACTUAL.qemu)),
-    ))
+    rows.append(
+        (
+            ACTUAL.qemu,
+            _value(ACTUAL, sample.actual_bytes, raw),
+            ACTUAL.libvirt or "-",
+            _libvirt_value(ACTUAL, lv_actual, raw),
+            _verdict(sample.crosscheck.verdict_of(ACTUAL.qemu)),
+        )
+    )
     used = sample.stats.used_bytes if sample.stats else None
     rows.append(("used (total - available)", _value(ACTUAL, used, raw), "-", "-", ""))
-    rows.append(("-", "-", RSS.libvirt or "-", _libvirt_value(RSS, libvirt.get(RSS.libvirt or ""), raw), "host only"))
+    rows.append(
+        ("-", "-", RSS.libvirt or "-", _libvirt_value(RSS, libvirt.get(RSS.libvirt or ""), raw), "host only")
+    )
     return rows
 
 
@@ -170,46 +187,86 @@ def _labels(sample: Sample, **extra: str) -> str:
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items()) + "}"
 
 
-def render_prometheus(samples: Sequence[Sample]) -> str:
+def render_prometheus(samples: Sequence[Sample], hosts: Optional[Mapping[str, bool]] = None) -> str:
     """Prometheus text exposition format (for node_exporter's textfile collector).
 
     Unsupported figures are left out, never exported as 0. Figures from a
     newer QEMU that this package does not know go to ``virt_balloon_guest_stat``
-    with a ``stat`` label.
+    with a ``stat`` label. ``hosts`` (URI to "could connect") becomes
+    ``virt_balloon_up``, so an empty scrape is told apart from a dead libvirtd.
     """
     families: Dict[str, Tuple[str, str, List[str]]] = {}
 
     def add(name: str, kind: str, help_text: str, line: str) -> None:
         families.setdefault(name, (kind, help_text, []))[2].append(line)
 
+    for uri, up in (hosts or {}).items():
+        add(
+            f"{_PREFIX}_up",
+            "gauge",
+            "1 when the libvirt connection could be opened, else 0",
+            f'{_PREFIX}_up{{uri="{_escape(uri)}"}} {int(up)}',
+        )
+
     for s in samples:
         for st in Status:
-            add(f"{_PREFIX}_status", "gauge", "1 for the domain's current status, else 0",
-                f"{_PREFIX}_status{_labels(s, status=st.value)} {int(s.status is st)}")
+            add(
+                f"{_PREFIX}_status",
+                "gauge",
+                "1 for the domain's current status, else 0",
+                f"{_PREFIX}_status{_labels(s, status=st.value)} {int(s.status is st)}",
+            )
         if s.stats:
             for name, value in s.stats.values.items():
                 if value is None:
                     continue
                 spec = STATS_BY_QEMU_NAME.get(name)
                 if spec is None:
-                    add(f"{_PREFIX}_guest_stat", "gauge", "guest stat unknown to this version, in QEMU's unit",
-                        f"{_PREFIX}_guest_stat{_labels(s, stat=name)} {value}")
+                    add(
+                        f"{_PREFIX}_guest_stat",
+                        "gauge",
+                        "guest stat unknown to this version, in QEMU's unit",
+                        f"{_PREFIX}_guest_stat{_labels(s, stat=name)} {value}",
+                    )
                     continue
                 metric = metric_name(spec)
-                add(metric, "counter" if spec.cumulative else "gauge", f"{spec.help} ({spec.qemu})",
-                    f"{metric}{_labels(s)} {value}")
+                add(
+                    metric,
+                    "counter" if spec.cumulative else "gauge",
+                    f"{spec.help} ({spec.qemu})",
+                    f"{metric}{_labels(s)} {value}",
+                )
             if s.last_update is not None:
-                add(f"{_PREFIX}_last_update_seconds", "gauge", "epoch seconds of the guest's last answer",
-                    f"{_PREFIX}_last_update_seconds{_labels(s)} {s.last_update}")
+                add(
+                    f"{_PREFIX}_last_update_seconds",
+                    "gauge",
+                    "epoch seconds of the guest's last answer",
+                    f"{_PREFIX}_last_update_seconds{_labels(s)} {s.last_update}",
+                )
         if s.actual_bytes is not None:
-            add(f"{_PREFIX}_actual_bytes", "gauge", ACTUAL.help, f"{_PREFIX}_actual_bytes{_labels(s)} {s.actual_bytes}")
-        interval = s.polling.qemu_interval if s.polling.qemu_interval is not None else s.polling.libvirt_period
+            add(
+                f"{_PREFIX}_actual_bytes",
+                "gauge",
+                ACTUAL.help,
+                f"{_PREFIX}_actual_bytes{_labels(s)} {s.actual_bytes}",
+            )
+        interval = (
+            s.polling.qemu_interval if s.polling.qemu_interval is not None else s.polling.libvirt_period
+        )
         if interval is not None:
-            add(f"{_PREFIX}_polling_interval_seconds", "gauge", "guest-stats polling interval, 0 = disabled",
-                f"{_PREFIX}_polling_interval_seconds{_labels(s)} {interval}")
+            add(
+                f"{_PREFIX}_polling_interval_seconds",
+                "gauge",
+                "guest-stats polling interval, 0 = disabled",
+                f"{_PREFIX}_polling_interval_seconds{_labels(s)} {interval}",
+            )
         if s.crosscheck.checked:
-            add(f"{_PREFIX}_crosscheck_mismatches", "gauge", "figures where QEMU and libvirt disagree",
-                f"{_PREFIX}_crosscheck_mismatches{_labels(s)} {len(s.crosscheck.mismatches)}")
+            add(
+                f"{_PREFIX}_crosscheck_mismatches",
+                "gauge",
+                "figures where QEMU and libvirt disagree",
+                f"{_PREFIX}_crosscheck_mismatches{_labels(s)} {len(s.crosscheck.mismatches)}",
+            )
     out = []
     for name, (kind, help_text, lines) in families.items():
         out.append(f"# HELP {name} {help_text}")

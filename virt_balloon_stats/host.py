@@ -249,8 +249,7 @@ class Host:
                 conn = libvirt.openReadOnly(target) if readonly else libvirt.open(target)
         except LibvirtFailure as err:
             raise ConnectionFailed(
-                "cannot connect; is libvirtd running, and may this user use it? "
-                f"({err.libvirt_message})",
+                "cannot connect; is libvirtd running, and may this user use it? " f"({err.libvirt_message})",
                 code=err.code,
                 libvirt_message=err.libvirt_message,
             ) from err

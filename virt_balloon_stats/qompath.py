@@ -107,9 +107,7 @@ def _search(qmp: QMPClient, guest: Guest, qom_type: str) -> Optional[str]:
             continue  # e.g. no /machine/peripheral-anon when every device has an id
         for name in _children_of_type(entries, qom_type):
             return f"{path}/{name}"
-        queue.extend(
-            f"{path}/{e['name']}" for e in entries if e["type"].startswith("child<")
-        )
+        queue.extend(f"{path}/{e['name']}" for e in entries if e["type"].startswith("child<"))
     return None
 
 
@@ -130,14 +128,18 @@ def resolve(qmp: QMPClient, guest: Guest, device: BalloonDevice) -> QOMPath:
             path = f"/machine/peripheral/{device.alias}"
             if _is_balloon(qmp, guest, path):
                 return QOMPath(
-                    path, qom_type, "alias",
+                    path,
+                    qom_type,
+                    "alias",
                     f"/machine/peripheral lists {device.alias!r} as child<{qom_type}>, "
                     f"and it has {POLLING_PROPERTY}",
                 )
     found = _search(qmp, guest, qom_type)
     if found is not None and _is_balloon(qmp, guest, found):
         return QOMPath(
-            found, qom_type, "search",
+            found,
+            qom_type,
+            "search",
             f"found child<{qom_type}> by searching the QOM tree "
             f"(alias {device.alias!r} did not lead to it)",
         )

@@ -79,6 +79,7 @@ class Sample:
             "id": self.id,
             "state": self.state,
             "source": self.source,
+            "sampled_at": round(self.sampled_at, 3),
             "qom_path": self.qom_path.path if self.qom_path else None,
             "qom_type": self.qom_path.qom_type if self.qom_path else None,
             "polling_interval": self.polling.qemu_interval,

@@ -76,14 +76,58 @@ class StatSpec:
 STATS: Tuple[StatSpec, ...] = (
     StatSpec("stat-swap-in", "swap_in", "balloon.swap_in", "bytes", "memory swapped in", cumulative=True),
     StatSpec("stat-swap-out", "swap_out", "balloon.swap_out", "bytes", "memory swapped out", cumulative=True),
-    StatSpec("stat-major-faults", "major_fault", "balloon.major_fault", "count", "page faults that needed disk I/O", cumulative=True),
-    StatSpec("stat-minor-faults", "minor_fault", "balloon.minor_fault", "count", "page faults served from memory", cumulative=True),
-    StatSpec("stat-free-memory", "unused", "balloon.unused", "bytes", "memory left completely unused (MemFree)"),
-    StatSpec("stat-total-memory", "available", "balloon.available", "bytes", "memory the guest sees (MemTotal)"),
-    StatSpec("stat-available-memory", "usable", "balloon.usable", "bytes", "memory available without swapping (MemAvailable)"),
-    StatSpec("stat-disk-caches", "disk_caches", "balloon.disk_caches", "bytes", "page cache that can be reclaimed quickly"),
-    StatSpec("stat-htlb-pgalloc", "hugetlb_pgalloc", "balloon.hugetlb_pgalloc", "count", "successful hugetlb page allocations", cumulative=True),
-    StatSpec("stat-htlb-pgfail", "hugetlb_pgfail", "balloon.hugetlb_pgfail", "count", "failed hugetlb page allocations", cumulative=True),
+    StatSpec(
+        "stat-major-faults",
+        "major_fault",
+        "balloon.major_fault",
+        "count",
+        "page faults that needed disk I/O",
+        cumulative=True,
+    ),
+    StatSpec(
+        "stat-minor-faults",
+        "minor_fault",
+        "balloon.minor_fault",
+        "count",
+        "page faults served from memory",
+        cumulative=True,
+    ),
+    StatSpec(
+        "stat-free-memory", "unused", "balloon.unused", "bytes", "memory left completely unused (MemFree)"
+    ),
+    StatSpec(
+        "stat-total-memory", "available", "balloon.available", "bytes", "memory the guest sees (MemTotal)"
+    ),
+    StatSpec(
+        "stat-available-memory",
+        "usable",
+        "balloon.usable",
+        "bytes",
+        "memory available without swapping (MemAvailable)",
+    ),
+    StatSpec(
+        "stat-disk-caches",
+        "disk_caches",
+        "balloon.disk_caches",
+        "bytes",
+        "page cache that can be reclaimed quickly",
+    ),
+    StatSpec(
+        "stat-htlb-pgalloc",
+        "hugetlb_pgalloc",
+        "balloon.hugetlb_pgalloc",
+        "count",
+        "successful hugetlb page allocations",
+        cumulative=True,
+    ),
+    StatSpec(
+        "stat-htlb-pgfail",
+        "hugetlb_pgfail",
+        "balloon.hugetlb_pgfail",
+        "count",
+        "failed hugetlb page allocations",
+        cumulative=True,
+    ),
 )
 
 STATS_BY_QEMU_NAME: Mapping[str, StatSpec] = {s.qemu: s for s in STATS}
@@ -92,7 +136,9 @@ STATS_BY_QEMU_NAME: Mapping[str, StatSpec] = {s.qemu: s for s in STATS}
 ACTUAL = StatSpec("actual", "actual", "balloon.current", "bytes", "current balloon size (guest memory)")
 
 #: ``guest-stats``' ``last-update``: host epoch seconds of the guest's last answer.
-LAST_UPDATE = StatSpec("last-update", "last_update", "balloon.last-update", "count", "epoch seconds of the last update")
+LAST_UPDATE = StatSpec(
+    "last-update", "last_update", "balloon.last-update", "count", "epoch seconds of the last update"
+)
 
 #: Host-side only: the QEMU process's resident set size, which libvirt reads
 #: from /proc and QEMU does not report.
@@ -204,7 +250,9 @@ class Status(str, enum.Enum):
 STATUS_MEANINGS: Mapping[Status, str] = {
     Status.OK: "figures are fresh",
     Status.STALE: "the guest stopped answering: QEMU re-arms its stats timer only when the guest answers",
-    Status.NEVER_UPDATED: "polling is on but the guest never answered (no balloon driver, or it has not loaded yet)",
+    Status.NEVER_UPDATED: (
+        "polling is on but the guest never answered (no balloon driver, or it has not loaded yet)"
+    ),
     Status.POLLING_DISABLED: "polling interval is 0: figures, if any, date from when the guest driver loaded",
     Status.PAUSED: "the domain is paused: QEMU's stats timer runs on the virtual clock and is stopped",
     Status.NO_BALLOON: "the domain has no balloon device (<memballoon model='none'/>)",

@@ -39,9 +39,7 @@ class LibvirtQemuTransport:
         exercise error translation pass another one.
     """
 
-    def __init__(
-        self, monitor_command: Optional[Callable[[Any, str, int], str]] = None
-    ) -> None:
+    def __init__(self, monitor_command: Optional[Callable[[Any, str, int], str]] = None) -> None:
         self._monitor_command = monitor_command or libvirt_qemu.qemuMonitorCommand
 
     def monitor_command(self, guest: Guest, command: str) -> str:

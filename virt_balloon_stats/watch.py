@@ -89,15 +89,23 @@ def _rate(value: Optional[float], is_bytes: bool) -> str:
 def render_frame(samples: Sequence[Sample], tracker: Tracker, now: float, *, show_uri: bool = False) -> str:
     """One screenful: a header line and a row per domain."""
     stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    header: Tuple[str, ...] = ("DOMAIN", "STATUS", "AGE", "TOTAL", "FREE", "AVAIL") + tuple(
-        label for _, label in _RATES
-    ) + ("FREE TREND", "AVAIL TREND")
+    header: Tuple[str, ...] = (
+        ("DOMAIN", "STATUS", "AGE", "TOTAL", "FREE", "AVAIL")
+        + tuple(label for _, label in _RATES)
+        + ("FREE TREND", "AVAIL TREND")
+    )
     rows = []
     for s in samples:
         name = f"{s.domain}@{s.uri}" if show_uri else s.domain
         rows.append(
-            (name, s.status.value, format_age(s.age_seconds), human_bytes(s.get("stat-total-memory")),
-             human_bytes(s.get("stat-free-memory")), human_bytes(s.get("stat-available-memory")))
+            (
+                name,
+                s.status.value,
+                format_age(s.age_seconds),
+                human_bytes(s.get("stat-total-memory")),
+                human_bytes(s.get("stat-free-memory")),
+                human_bytes(s.get("stat-available-memory")),
+            )
             + tuple(_rate(tracker.rate(s, n), n.startswith("stat-swap")) for n, _ in _RATES)
             + (tracker.trend(s, "stat-free-memory"), tracker.trend(s, "stat-available-memory"))
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -36,7 +35,9 @@ def testbed(*args: str, timeout: float = 180) -> str:
     """Run the testbed script; return its stdout, fail the test on error."""
     proc = subprocess.run(
         [str(TESTBED), *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         pytest.fail(f"vbs-testbed {' '.join(args)} failed: {proc.stderr.strip()}", pytrace=False)
@@ -102,6 +103,7 @@ def domains(conn: "libvirt.virConnect") -> Iterator[Domains]:
 
 # Shared, read-only guests: created once per session, in the background of
 # each other (creation returns at once; only waiting costs time).
+
 
 @pytest.fixture(scope="session")
 def driver_guest(session_domains: Domains) -> str:

@@ -101,7 +101,9 @@ def test_paused_then_resumed(client, domains):
     time.sleep(3)
     assert client.sample(name).last_update == frozen
     _virsh("resume", name)
-    wait_for(lambda: client.sample(name).last_update != frozen, timeout=20, what="figures to move after resume")
+    wait_for(
+        lambda: client.sample(name).last_update != frozen, timeout=20, what="figures to move after resume"
+    )
     assert client.sample(name).status is Status.OK
 
 
@@ -119,15 +121,25 @@ def test_ballooning_moves_actual_and_total(client, domains):
     before = client.sample(name)
     assert before.actual_bytes == 192 * MIB
     _virsh("setmem", name, "150M", "--live")
-    wait_for(lambda: client.sample(name).actual_bytes == 150 * MIB, timeout=60, what="actual to reach 150 MiB")
-    wait_for(lambda: client.sample(name).get("stat-total-memory") < before.get("stat-total-memory") - 30 * MIB,
-             timeout=30, what="stat-total-memory to drop")
+    wait_for(
+        lambda: client.sample(name).actual_bytes == 150 * MIB, timeout=60, what="actual to reach 150 MiB"
+    )
+    wait_for(
+        lambda: client.sample(name).get("stat-total-memory") < before.get("stat-total-memory") - 30 * MIB,
+        timeout=30,
+        what="stat-total-memory to drop",
+    )
 
 
 def test_memory_hog_lowers_free_memory(client, driver_guest, domains):
     name = domains.create("virtio", "hog", "--hog", "64", wait_stats=True)
-    wait_for(lambda: client.sample(driver_guest).get("stat-free-memory") - client.sample(name).get("stat-free-memory")
-             > 48 * MIB, timeout=60, what="the hog guest's free memory to drop by about 64 MiB")
+    wait_for(
+        lambda: client.sample(driver_guest).get("stat-free-memory")
+        - client.sample(name).get("stat-free-memory")
+        > 48 * MIB,
+        timeout=60,
+        what="the hog guest's free memory to drop by about 64 MiB",
+    )
 
 
 @pytest.mark.parametrize("via", ["libvirt", "qmp"])

@@ -18,11 +18,20 @@ from tests.integration.conftest import URI, wait_for
 UNSUPPORTED = 2**64 - 1
 
 # Figures libvirt reports in KiB, keyed by QEMU name (GROUND_TRUTH section 3).
-KIB = {"stat-swap-in": "swap_in", "stat-swap-out": "swap_out", "stat-free-memory": "unused",
-       "stat-total-memory": "available", "stat-available-memory": "usable",
-       "stat-disk-caches": "disk_caches"}
-COUNTS = {"stat-major-faults": "major_fault", "stat-minor-faults": "minor_fault",
-          "stat-htlb-pgalloc": "hugetlb_pgalloc", "stat-htlb-pgfail": "hugetlb_pgfail"}
+KIB = {
+    "stat-swap-in": "swap_in",
+    "stat-swap-out": "swap_out",
+    "stat-free-memory": "unused",
+    "stat-total-memory": "available",
+    "stat-available-memory": "usable",
+    "stat-disk-caches": "disk_caches",
+}
+COUNTS = {
+    "stat-major-faults": "major_fault",
+    "stat-minor-faults": "minor_fault",
+    "stat-htlb-pgalloc": "hugetlb_pgalloc",
+    "stat-htlb-pgfail": "hugetlb_pgfail",
+}
 
 
 def _dommemstat(name: str) -> dict:
@@ -35,12 +44,20 @@ def _qmp(dom: "libvirt.virDomain", cmd: dict) -> dict:
 
 
 def test_driver_guest_reports_and_qmp_agrees_with_libvirt(conn, driver_guest):
-    wait_for(lambda: _dommemstat(driver_guest).get("last_update", 0) > 0, timeout=30,
-             what="virsh dommemstat to show a last_update")
+    wait_for(
+        lambda: _dommemstat(driver_guest).get("last_update", 0) > 0,
+        timeout=30,
+        what="virsh dommemstat to show a last_update",
+    )
     dom = conn.lookupByName(driver_guest)
     for _ in range(5):  # the guest may answer between the two reads
-        reply = _qmp(dom, {"execute": "qom-get",
-                           "arguments": {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}})
+        reply = _qmp(
+            dom,
+            {
+                "execute": "qom-get",
+                "arguments": {"path": "/machine/peripheral/balloon0", "property": "guest-stats"},
+            },
+        )
         libvirt_stats = dom.memoryStats()
         if reply["return"]["last-update"] == libvirt_stats["last_update"]:
             break
@@ -55,8 +72,13 @@ def test_driver_guest_reports_and_qmp_agrees_with_libvirt(conn, driver_guest):
 
 def test_nodriver_guest_reports_every_stat_unsupported(conn, nodriver_guest):
     dom = conn.lookupByName(nodriver_guest)
-    reply = _qmp(dom, {"execute": "qom-get",
-                       "arguments": {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}})
+    reply = _qmp(
+        dom,
+        {
+            "execute": "qom-get",
+            "arguments": {"path": "/machine/peripheral/balloon0", "property": "guest-stats"},
+        },
+    )
     assert reply["return"]["last-update"] == 0
     assert set(reply["return"]["stats"].values()) == {UNSUPPORTED}
     assert reply["return"]["stats"].keys() >= set(KIB) | set(COUNTS)
