@@ -4,8 +4,8 @@
 An example of a long-running collector (the shape of an OpenStack compute
 agent) built on the public API of virt_balloon_stats only. Every interval it
 samples every running domain and writes one JSON object per domain to stdout:
-``Sample.to_dict()`` plus ``ts``, the epoch seconds at which that domain was
-read. Diagnostics go to stderr, so stdout stays a clean stream for a pipe.
+``Sample.to_dict()``, whose ``sampled_at`` says when that domain was read.
+Diagnostics go to stderr, so stdout stays a clean stream for a pipe.
 
 What it has to get right, and why:
 
@@ -36,7 +36,15 @@ import time
 from types import FrameType
 from typing import List, Optional, Sequence, TextIO
 
-from virt_balloon_stats import SOURCES, BalloonStats, BalloonStatsError, ConnectionFailed, Sample, default_uri
+from virt_balloon_stats import (
+    SOURCES,
+    BalloonStats,
+    BalloonStatsError,
+    ConnectionFailed,
+    Sample,
+    default_uri,
+    silence_libvirt_stderr,
+)
 
 LOG = logging.getLogger("balloon-agent")
 
@@ -138,9 +146,7 @@ class Agent:
     def emit(self, samples: Sequence[Sample]) -> None:
         lines: List[str] = []
         for sample in samples:
-            record = sample.to_dict()
-            record["ts"] = round(sample.sampled_at, 3)
-            lines.append(json.dumps(record, separators=(",", ":")) + "\n")
+            lines.append(json.dumps(sample.to_dict(), separators=(",", ":")) + "\n")
         self.out.write("".join(lines))
         self.out.flush()
 
@@ -191,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    silence_libvirt_stderr()  # we log libvirt's errors ourselves, once
     agent = Agent(args.connect, args.interval, args.source, sys.stdout)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
