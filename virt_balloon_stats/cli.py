@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 import time
 import traceback
@@ -148,7 +149,7 @@ def _period_targets(args: argparse.Namespace) -> Tuple[List[str], Optional[str]]
     """``period DOM... [SECONDS]``: a trailing number after a domain is SECONDS."""
     words = list(args.words)
     seconds = args.set
-    if seconds is None and len(words) > 1 and words[-1].isdigit():
+    if seconds is None and len(words) > 1 and re.fullmatch(r"[0-9]+", words[-1]):
         seconds = words.pop()
     return words, seconds
 

@@ -341,7 +341,7 @@ class BalloonStats:
             if (
                 attempt
                 or libvirt_stats is None
-                or libvirt_stats.get(LAST_UPDATE.libvirt or "") != stats.last_update
+                or (libvirt_stats.get(LAST_UPDATE.libvirt or "") or None) != stats.last_update
             ):
                 if attempt:
                     _, value = self._qom_get(guest, device, "guest-stats")

@@ -8,6 +8,7 @@ not trust any input more than it must.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 from lxml import etree
@@ -73,6 +74,10 @@ def parse_balloon(xml: str) -> BalloonDevice:
         root = etree.fromstring(xml.encode("utf-8"), parser=_parser())
     except etree.XMLSyntaxError as err:
         raise InvalidDomainXML(f"the domain XML is not well-formed: {err}") from err
+    if root.getroottree().docinfo.doctype:
+        # libvirt never writes one; a DOCTYPE can only carry entities, which
+        # lxml would still expand inside attribute values.
+        raise InvalidDomainXML("domain XML must not carry a DOCTYPE")
     if root.tag != "domain":
         raise InvalidDomainXML(f"expected a <domain> document, got <{root.tag!s}>")
     node = root.find("./devices/memballoon")
@@ -82,7 +87,7 @@ def parse_balloon(xml: str) -> BalloonDevice:
     period_text = stats.get("period") if stats is not None else None
     period: Optional[int] = None
     if period_text is not None:
-        if not period_text.isdigit():
+        if not re.fullmatch(r"[0-9]+", period_text):
             raise InvalidDomainXML(f"<memballoon><stats period={period_text!r}> is not a number of seconds")
         period = int(period_text)
     alias = node.find("./alias")

@@ -34,7 +34,7 @@ def human_bytes(value: Optional[int]) -> str:
         return "-"
     size = float(value)
     for unit in _UNITS:
-        if abs(size) < 1024 or unit == _UNITS[-1]:
+        if abs(round(size, 0 if unit == "B" else 1)) < 1024 or unit == _UNITS[-1]:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")

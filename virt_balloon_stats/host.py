@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import threading
 import uuid as uuidlib
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -274,7 +275,7 @@ class Host:
         """
         if not spec:
             raise InvalidArgument("an empty domain name was given")
-        if spec.isdigit():
+        if re.fullmatch(r"[0-9]+", spec):
             try:
                 with libvirt_call(self.counter, "lookupByID", spec):
                     return Guest(self.conn.lookupByID(int(spec)), self.counter)

@@ -14,6 +14,7 @@ and libvirt's API takes a C ``int``, so the libvirt route stops at 2^31-1.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Dict, Optional
 
 from virt_balloon_stats.errors import InvalidArgument
@@ -38,7 +39,7 @@ def validate_interval(value: Any, *, via: str = "libvirt") -> int:
     """
     if via not in ROUTES:
         raise InvalidArgument(f"unknown route {via!r}; use one of: {', '.join(ROUTES)}")
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(

@@ -69,11 +69,13 @@ def expected_qom_type(device: BalloonDevice) -> str:
     """
     if not device.present:
         raise NoBalloonDevice(f"the domain has no balloon device (model {device.model!r})")
+    if device.model not in _PCI_TYPES:  # e.g. xen: no QEMU virtio balloon at all
+        raise QOMPathNotFound(f"model {device.model!r} is not a QEMU virtio balloon")
     if device.address_type == "ccw":
         return "virtio-balloon-ccw"
     if device.address_type == "virtio-mmio":
         return "virtio-balloon-device"
-    if device.address_type in (None, "pci") and device.model in _PCI_TYPES:
+    if device.address_type in (None, "pci"):
         return _PCI_TYPES[device.model]
     raise QOMPathNotFound(
         f"no QEMU virtio balloon type for model {device.model!r} on address {device.address_type!r}"

@@ -225,10 +225,14 @@ def memory_stats_from_domstats(record: Mapping[str, Any]) -> Dict[str, int]:
 
     Both APIs read the same QEMU figures; domstats only names them
     differently (``balloon.current`` for ``actual``, ``balloon.last-update``
-    for ``last_update``...). Fields libvirt left out stay out.
+    for ``last_update``...). Fields libvirt left out stay out, and so does
+    ``actual`` when the guest figures are missing: domstats takes
+    ``balloon.current`` from libvirt's definition even for a domain without a
+    balloon, where memoryStats() has no ``actual``.
     """
     out: Dict[str, int] = {}
-    for spec in STATS + (ACTUAL, LAST_UPDATE, RSS):
+    specs = STATS + (ACTUAL, LAST_UPDATE, RSS) if LAST_UPDATE.domstats in record else STATS + (RSS,)
+    for spec in specs:
         if spec.domstats is not None and spec.libvirt is not None and spec.domstats in record:
             out[spec.libvirt] = int(record[spec.domstats])
     return out

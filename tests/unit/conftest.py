@@ -1,0 +1,128 @@
+"""Loading the recorded testbed fixtures, and wiring them into the real package.
+
+Scenarios and what a sample of each must say are listed once here, so every
+test module iterates over the same recordings.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import pytest
+
+from tests.fakelibvirt import FakeConnect, FakeDomain, RecordedTransport, error_from_record
+from virt_balloon_stats.client import BalloonStats
+from virt_balloon_stats.domxml import parse_balloon
+from virt_balloon_stats.host import Guest, Host
+from virt_balloon_stats.transport import QMPClient
+
+RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "recorded"
+URI = "qemu:///system"
+
+#: Scenario -> the status a sample must give, with the clock pinned at the
+#: moment the recorder read memoryStats() (the file's ``memory_stats_at``).
+EXPECTED_STATUS: Dict[str, str] = {
+    "virtio": "ok",
+    "virtio-hog": "ok",
+    "transitional": "ok",
+    "nostats": "polling_disabled",
+    "nodriver": "never_updated",
+    "noos": "never_updated",
+    "stale": "stale",
+    "paused": "paused",
+    "none": "no_balloon",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _read(name: str) -> Any:
+    return json.loads((RECORDED / f"{name}.json").read_text())
+
+
+def load(name: str) -> Dict[str, Any]:
+    """A fresh copy of one recorded scenario (tests may edit their copy)."""
+    return copy.deepcopy(_read(name))
+
+
+def scenario_names() -> List[str]:
+    """Every recorded domain scenario (not the libvirt error cases)."""
+    return sorted(p.stem for p in RECORDED.glob("*.json") if p.stem != "libvirt-errors")
+
+
+def libvirt_errors() -> List[Dict[str, Any]]:
+    """The libvirt errors recorded on the testbed, one per case."""
+    return copy.deepcopy(_read("libvirt-errors"))
+
+
+def libvirt_error_record(case: str) -> Dict[str, Any]:
+    """One recorded libvirt error case by name."""
+    for record in libvirt_errors():
+        if record["case"] == case:
+            return record
+    raise KeyError(case)
+
+
+def recorded_error(case: str) -> Any:
+    """The real ``libvirtError`` of one recorded case."""
+    return error_from_record(libvirt_error_record(case))
+
+
+def qmp_replies(fixture: Mapping[str, Any], command: Mapping[str, Any]) -> List[Any]:
+    """The parsed replies recorded for one command dict, in order."""
+    return [json.loads(q["reply"]) for q in fixture["qmp"] if q["command"] == command]
+
+
+def balloon(fixture: Mapping[str, Any], inactive: bool = False) -> Any:
+    """The recorded XML's balloon device, through the package's parser."""
+    return parse_balloon(fixture["xml_inactive" if inactive else "xml_live"])
+
+
+def now_for(fixture: Mapping[str, Any]) -> float:
+    """The pinned clock of a scenario: when the recorder read memoryStats() on the testbed."""
+    return float(fixture["memory_stats_at"])
+
+
+class World:
+    """Fake libvirt domains and connection, the recorded QMP replies, and the real client on top."""
+
+    def __init__(
+        self,
+        fixtures: Iterable[Mapping[str, Any]],
+        *,
+        domains: Optional[List[FakeDomain]] = None,
+        qmp_raises: Iterable[Tuple[Mapping[str, Any], Any]] = (),
+        busy: Iterable[str] = (),
+        now: float = 0.0,
+    ) -> None:
+        self.fixtures = list(fixtures)
+        self.domains = domains if domains is not None else [FakeDomain(f) for f in self.fixtures]
+        self.conn = FakeConnect(self.domains, not_found=libvirt_error_record("unknown-domain"), busy=busy)
+        self.transport = RecordedTransport(*self.fixtures, raises=tuple(qmp_raises))
+        self.host = Host(self.conn, URI)
+        self.client = BalloonStats(self.host, QMPClient(self.transport), clock=lambda: now)
+
+    @property
+    def domain(self) -> FakeDomain:
+        """The first (often only) domain."""
+        return self.domains[0]
+
+    def guest(self, index: int = 0) -> Guest:
+        """A Guest on one fake domain, counted on the host's counter."""
+        return Guest(self.domains[index], self.host.counter)
+
+
+def world(name: str, **kwargs: Any) -> World:
+    """A World of one recorded scenario, its clock pinned for that scenario."""
+    fixture = load(name)
+    kwargs.setdefault("now", now_for(fixture))
+    return World([fixture], **kwargs)
+
+
+@pytest.fixture
+def virtio() -> Dict[str, Any]:
+    """The plain, healthy scenario."""
+    return load("virtio")

@@ -1,0 +1,279 @@
+"""virt_balloon_stats.stats: the stat table, parsing guest-stats, libvirt's view, classify.
+
+Parsing is checked on every ``qom-get ... guest-stats`` reply recorded on the
+testbed (QEMU 7.2 prints "unsupported" as 2^64-1); older QEMU's ``-1`` and
+newer QEMU's extra stat names are synthetic inputs built inline.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.unit.conftest import load, scenario_names
+from virt_balloon_stats.errors import QMPBadReply
+from virt_balloon_stats.stats import (
+    ACTUAL,
+    DEFAULT_GRACE_SECONDS,
+    LAST_UPDATE,
+    RSS,
+    STATS,
+    STATS_BY_QEMU_NAME,
+    STATUS_MEANINGS,
+    GuestStats,
+    Status,
+    classify,
+    memory_stats_from_domstats,
+    parse_guest_stats,
+    stats_from_libvirt,
+)
+
+#: How QEMU 7.2 prints an unsupported figure (uint64 -1), as recorded.
+U64_MAX = 2**64 - 1
+
+GUEST_STATS_REPLIES = [
+    pytest.param(name, json.loads(q["reply"])["return"], id=f"{name}-{i}")
+    for name in scenario_names()
+    for i, q in enumerate(load(name)["qmp"])
+    if q["command"]["execute"] == "qom-get"
+    and q["command"]["arguments"]["property"] == "guest-stats"
+    and "return" in json.loads(q["reply"])
+]
+
+
+def test_recordings_have_both_supported_and_unsupported_guest_stats():
+    """Guard: the table above has real figures and all-unsupported ones (no guest driver)."""
+    values = {v for p in GUEST_STATS_REPLIES for v in p.values[1]["stats"].values()}
+    assert U64_MAX in values
+    assert any(v != U64_MAX for v in values)
+
+
+@pytest.mark.parametrize("name, value", GUEST_STATS_REPLIES)
+def test_parse_every_recorded_guest_stats(name, value):
+    """Every figure kept under QEMU's name; 2^64-1 becomes None; last-update 0 becomes None."""
+    stats = parse_guest_stats(value)
+    assert stats.values == {k: (None if v == U64_MAX else v) for k, v in value["stats"].items()}
+    assert stats.last_update == (value["last-update"] or None)
+
+
+@pytest.mark.parametrize("name, value", GUEST_STATS_REPLIES)
+def test_used_bytes_is_total_minus_available(name, value):
+    """used = MemTotal - MemAvailable, or None when either is unsupported."""
+    raw = value["stats"]
+    stats = parse_guest_stats(value)
+    if U64_MAX in (raw["stat-total-memory"], raw["stat-available-memory"]):
+        assert stats.used_bytes is None
+    else:
+        assert stats.used_bytes == raw["stat-total-memory"] - raw["stat-available-memory"]
+        assert stats.used_bytes > 0
+
+
+def test_recorded_qemu_names_are_exactly_the_table():
+    """QEMU 7.2 reports exactly the ten names of STATS."""
+    names = {k for p in GUEST_STATS_REPLIES for k in p.values[1]["stats"]}
+    assert names == set(STATS_BY_QEMU_NAME)
+
+
+def test_minus_one_is_unsupported_too():
+    """Synthetic: QEMU before 7.2 printed -1 (docs/virtio-balloon-stats.txt)."""
+    stats = parse_guest_stats({"stats": {"stat-free-memory": -1, "stat-swap-in": 0}, "last-update": 5})
+    assert stats.get("stat-free-memory") is None
+    assert stats.get("stat-swap-in") == 0
+
+
+def test_unknown_stat_names_from_newer_qemu_are_kept():
+    """Synthetic: QEMU 9.2+ adds stat-oom-kills & co; they are kept, unsupported ones as None."""
+    value = {
+        "stats": {"stat-free-memory": 4096, "stat-oom-kills": 3, "stat-alloc-stalls": U64_MAX},
+        "last-update": 1795660879,
+    }
+    stats = parse_guest_stats(value)
+    assert stats.values == {"stat-free-memory": 4096, "stat-oom-kills": 3, "stat-alloc-stalls": None}
+    assert "stat-oom-kills" not in STATS_BY_QEMU_NAME
+
+
+def test_get_of_an_absent_name_is_none():
+    """Absent and unsupported both read as None."""
+    assert GuestStats(values={}, last_update=None).get("stat-free-memory") is None
+
+
+# Synthetic malformed guest-stats values (QEMU never sent these).
+MALFORMED = [
+    pytest.param([], id="list"),
+    pytest.param(None, id="none"),
+    pytest.param({"last-update": 1}, id="no-stats"),
+    pytest.param({"stats": [], "last-update": 1}, id="stats-list"),
+    pytest.param({"stats": {}}, id="no-last-update"),
+    pytest.param({"stats": {}, "last-update": -1}, id="negative-last-update"),
+    pytest.param({"stats": {}, "last-update": True}, id="bool-last-update"),
+    pytest.param({"stats": {}, "last-update": "1"}, id="string-last-update"),
+    pytest.param({"stats": {"stat-free-memory": "1"}, "last-update": 1}, id="string-value"),
+    pytest.param({"stats": {"stat-free-memory": 1.5}, "last-update": 1}, id="float-value"),
+    pytest.param({"stats": {"stat-free-memory": True}, "last-update": 1}, id="bool-value"),
+    pytest.param({"stats": {"stat-free-memory": None}, "last-update": 1}, id="null-value"),
+]
+
+
+@pytest.mark.parametrize("value", MALFORMED)
+def test_malformed_guest_stats_are_bad_replies(value):
+    """Shapes QEMU's guest-stats never has are QMPBadReply, not a crash later."""
+    with pytest.raises(QMPBadReply):
+        parse_guest_stats(value)
+
+
+@pytest.mark.parametrize("name", scenario_names())
+def test_stats_from_libvirt_is_memory_stats_in_bytes(name):
+    """The libvirt source: KiB x 1024, counts as they are, absent figures None."""
+    memory_stats = load(name)["memory_stats"]
+    stats, actual = stats_from_libvirt(memory_stats)
+    for spec in STATS:
+        kib_or_count = memory_stats.get(spec.libvirt)
+        if kib_or_count is None:
+            assert stats.get(spec.qemu) is None
+        elif spec.unit == "bytes":
+            assert stats.get(spec.qemu) == kib_or_count * 1024
+        else:
+            assert stats.get(spec.qemu) == kib_or_count
+    assert stats.last_update == (memory_stats.get("last_update") or None)
+    assert actual == (None if "actual" not in memory_stats else memory_stats["actual"] * 1024)
+
+
+@pytest.mark.parametrize("name", ["virtio", "virtio-hog", "transitional"])
+def test_stats_from_libvirt_matches_qmp_to_the_kib(name):
+    """Both sources, same moment: libvirt's figure is QEMU's rounded down to whole KiB."""
+    fixture = load(name)
+    value = next(p.values[1] for p in GUEST_STATS_REPLIES if p.values[0] == name)
+    qmp = parse_guest_stats(value)
+    from_libvirt, _ = stats_from_libvirt(fixture["memory_stats"])
+    assert qmp.last_update == from_libvirt.last_update
+    for spec in STATS:
+        expected = qmp.get(spec.qemu)
+        if spec.unit == "bytes":
+            expected = expected // 1024 * 1024
+        assert from_libvirt.get(spec.qemu) == expected
+
+
+@pytest.mark.parametrize("name", scenario_names())
+def test_memory_stats_from_domstats_gives_memory_stats(name):
+    """getAllDomainStats' record, renamed, is what memoryStats() said at the same moment."""
+    fixture = load(name)
+    assert memory_stats_from_domstats(fixture["all_domain_stats"]) == fixture["memory_stats"]
+
+
+def test_memory_stats_from_domstats_renames_the_odd_ones():
+    """balloon.current -> actual, balloon.last-update -> last_update; balloon.maximum dropped."""
+    record = load("virtio")["all_domain_stats"]
+    out = memory_stats_from_domstats(record)
+    assert out["actual"] == record["balloon.current"]
+    assert out["last_update"] == record["balloon.last-update"]
+    assert out["rss"] == record["balloon.rss"]
+    assert "maximum" not in out and "balloon.maximum" not in out
+
+
+def test_stat_table_units():
+    """Memory in bytes (libvirt KiB), faults and hugetlb events as counts; cumulative ones are counters."""
+    units = {s.qemu: (s.unit, s.libvirt_unit) for s in STATS + (ACTUAL, RSS)}
+    assert units["stat-free-memory"] == ("bytes", "KiB")
+    assert units["stat-major-faults"] == ("count", "count")
+    assert units["stat-htlb-pgalloc"] == ("count", "count")
+    assert units["actual"] == ("bytes", "KiB")
+    assert LAST_UPDATE.libvirt == "last_update" and LAST_UPDATE.unit == "count"
+    assert {s.qemu for s in STATS if s.cumulative} == {
+        "stat-swap-in", "stat-swap-out", "stat-major-faults", "stat-minor-faults",
+        "stat-htlb-pgalloc", "stat-htlb-pgfail",
+    }
+
+
+@pytest.mark.parametrize("spec", STATS + (ACTUAL, RSS), ids=lambda s: s.qemu)
+def test_to_libvirt_is_libvirts_mapping(spec):
+    """bytes // 1024 for memory (rounding down, as libvirt does), same number for counts."""
+    assert spec.to_libvirt(2047) == (1 if spec.unit == "bytes" else 2047)
+    assert spec.from_libvirt(3) == (3072 if spec.unit == "bytes" else 3)
+
+
+# -- classify ---------------------------------------------------------------
+
+NOW = 1_795_660_900.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, status",
+    [
+        (dict(state="running", has_balloon=False, interval=2, last_update=None), Status.NO_BALLOON),
+        (dict(state="paused", has_balloon=False, interval=2, last_update=None), Status.NO_BALLOON),
+        (dict(state="paused", has_balloon=True, interval=2, last_update=NOW - 1000), Status.PAUSED),
+        (dict(state="running", has_balloon=True, interval=0, last_update=NOW - 9), Status.POLLING_DISABLED),
+        (dict(state="running", has_balloon=True, interval=None, last_update=None), Status.POLLING_DISABLED),
+        (dict(state="running", has_balloon=True, interval=2, last_update=None), Status.NEVER_UPDATED),
+        (dict(state="running", has_balloon=True, interval=2, last_update=NOW - 1000), Status.STALE),
+        (dict(state="running", has_balloon=True, interval=2, last_update=NOW - 1), Status.OK),
+        (dict(state="running", has_balloon=True, interval=2, last_update=NOW + 3), Status.OK),
+    ],
+)
+def test_classify_every_status(kwargs, status):
+    """Precedence: no balloon, paused, polling disabled, never updated, then age."""
+    got, message = classify(now=NOW, **kwargs)
+    assert got is status
+    assert STATUS_MEANINGS[status] in message
+
+
+@pytest.mark.parametrize("interval", [1, 2, 10])
+@pytest.mark.parametrize("grace", [0, DEFAULT_GRACE_SECONDS, 2.5])
+def test_classify_boundary_is_two_intervals_plus_grace(interval, grace):
+    """Exactly 2 x interval + grace old is still ok; any older is stale."""
+    limit = 2 * interval + grace
+    at_limit, _ = classify(state="running", has_balloon=True, interval=interval,
+                           last_update=1000, now=1000 + limit, grace=grace)
+    over, message = classify(state="running", has_balloon=True, interval=interval,
+                             last_update=1000, now=1000 + limit + 0.5, grace=grace)
+    assert at_limit is Status.OK
+    assert over is Status.STALE
+    assert f"2 x {interval} s" in message
+
+
+def test_classify_default_grace_is_five_seconds():
+    """The default grace is DEFAULT_GRACE_SECONDS (5 s)."""
+    assert DEFAULT_GRACE_SECONDS == 5
+    ok, _ = classify(state="running", has_balloon=True, interval=2, last_update=100, now=109)
+    stale, _ = classify(state="running", has_balloon=True, interval=2, last_update=100, now=110)
+    assert (ok, stale) == (Status.OK, Status.STALE)
+
+
+def test_classify_ok_message_says_age_and_interval():
+    """The ok message says how old and how often, never a negative age."""
+    _, message = classify(state="running", has_balloon=True, interval=2, last_update=100, now=103)
+    assert "3 s ago" in message and "every 2 s" in message
+    _, future = classify(state="running", has_balloon=True, interval=2, last_update=100, now=99)
+    assert "0 s ago" in future
+
+
+# -- properties ---------------------------------------------------------------
+
+_uint64 = st.integers(min_value=0, max_value=U64_MAX)
+_names = st.one_of(st.sampled_from(sorted(STATS_BY_QEMU_NAME)), st.text(min_size=1, max_size=20))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.dictionaries(_names, st.one_of(_uint64, st.just(-1)), max_size=16),
+    last_update=st.integers(min_value=0, max_value=2**63),
+)
+def test_parse_never_raises_and_none_is_exactly_unsupported(values, last_update):
+    """For any uint64 (or -1) value map: no exception; None exactly where QEMU said unsupported."""
+    stats = parse_guest_stats({"stats": dict(values), "last-update": last_update})
+    assert set(stats.values) == set(values)
+    assert {k for k, v in stats.values.items() if v is None} == {
+        k for k, v in values.items() if v in (-1, U64_MAX)
+    }
+    assert all(stats.values[k] == v for k, v in values.items() if v not in (-1, U64_MAX))
+    assert stats.last_update == (last_update or None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(spec=st.sampled_from(STATS + (ACTUAL, RSS)), value=st.integers(min_value=0, max_value=2**54))
+def test_to_libvirt_inverts_from_libvirt(spec, value):
+    """Any libvirt value (KiB or count) survives the round trip to QEMU's unit and back."""
+    assert spec.to_libvirt(spec.from_libvirt(value)) == value
