@@ -7,13 +7,15 @@ connection, and the exact cross-check over several polling periods.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 
 import libvirt
 import pytest
 
-from tests.integration.conftest import URI, wait_for
+from tests.integration.conftest import ROOT, URI, wait_for
 from virt_balloon_stats import (
     BalloonStats,
     NoBalloonDevice,
@@ -207,3 +209,24 @@ def test_a_restarted_domain_is_resolved_again(client, domains):
     client.sample_many()  # every running domain: entries of domains gone are dropped
     assert client.paths.get(first) is None
     assert client.paths.get(second).path == "/machine/peripheral/ua-mybal"
+
+
+def test_readme_script_prints_free_memory_of_every_running_domain(driver_guest, nodriver_guest):
+    """The README's sysadmin script, run as a user would run it."""
+    readme = (ROOT / "README.rst").read_text()
+    start = readme.index("    from virt_balloon_stats import BalloonStats")
+    block = []
+    for line in readme[start:].splitlines():
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    script = "\n".join(block)
+    assert len([line for line in block if line.strip()]) <= 10
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "LIBVIRT_DEFAULT_URI": URI}).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()}
+    with BalloonStats.open(URI) as client:
+        free = client.sample(driver_guest).get("stat-free-memory")
+    assert rows[driver_guest][-1] == "ok" and rows[driver_guest][-2] in ("MiB", "GiB")
+    assert abs(float(rows[driver_guest][-3]) * MIB - free) < 8 * MIB
+    assert rows[nodriver_guest][1] == "-" and rows[nodriver_guest][-1] == "never_updated"
