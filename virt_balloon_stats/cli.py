@@ -365,7 +365,7 @@ def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
                 run.report(s.domain, s.uri, s.error)
                 continue
             if s.status is not Status.STALE and not args.force:
-                entry["message"] = f"{s.status.value}; nothing to re-arm"
+                entry["message"] = "nothing to re-arm (not stale; --force re-arms anyway)"
                 continue
             try:
                 state = client.rearm(s.uuid, via=args.via)
@@ -393,10 +393,10 @@ def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
         for e in results:
             if "message" in e:
                 where = f"@{e['uri']}" if run.several_hosts else ""
-                run.write(
-                    f"{e['domain']}{where}: {e['status_before']} -> "
-                    f"{e['status_after'] or e['status_before']}: {e['message']}"
+                change = (
+                    f"{e['status_before']} -> {e['status_after']}" if e["rearmed"] else e["status_before"]
                 )
+                run.write(f"{e['domain']}{where}: {change}: {e['message']}")
     return EXIT_FAILED if run.failed else EXIT_OK
 
 

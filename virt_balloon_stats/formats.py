@@ -217,7 +217,8 @@ def render_prometheus(samples: Sequence[Sample], hosts: Optional[Mapping[str, bo
                 f"{_PREFIX}_status{_labels(s, status=st.value)} {int(s.status is st)}",
             )
         if s.stats:
-            for name, value in s.stats.values.items():
+            order = {spec.qemu: i for i, spec in enumerate(STATS)}
+            for name, value in sorted(s.stats.values.items(), key=lambda kv: order.get(kv[0], len(order))):
                 if value is None:
                     continue
                 spec = STATS_BY_QEMU_NAME.get(name)
