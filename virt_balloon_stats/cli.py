@@ -149,7 +149,9 @@ def _period_targets(args: argparse.Namespace) -> Tuple[List[str], Optional[str]]
     """``period DOM... [SECONDS]``: a trailing number after a domain is SECONDS."""
     words = list(args.words)
     seconds = args.set
-    if seconds is None and len(words) > 1 and re.fullmatch(r"[0-9]+", words[-1]):
+    # Any number, even a bad one (-1, 1.5), is meant as SECONDS: it must be
+    # refused as an interval, not looked up as a domain name.
+    if seconds is None and len(words) > 1 and re.fullmatch(r"[-+]?[0-9]+(\.[0-9]*)?", words[-1]):
         seconds = words.pop()
     return words, seconds
 
@@ -315,13 +317,19 @@ def cmd_watch(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
                 run.report(uri, uri, err)
         if not clients:
             return EXIT_FAILED
+        # Named domains are looked up once: a name that does not resolve is
+        # reported once, and a watch with none left has nothing to show.
+        named = None if args.all else {id(c): run.guests(c) for c in clients}
+        if named is not None and not any(named.values()):
+            return EXIT_FAILED
         if tty:
             run.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide cursor
         frames = 0
         while True:
             samples: List[Sample] = []
             for client in clients:
-                samples.extend(client.sample_many(run.guests(client), args.source))
+                guests = run.guests(client) if named is None else named[id(client)]
+                samples.extend(client.sample_many(guests, args.source))
             for s in samples:
                 tracker.update(s)
             frame = render_frame(samples, tracker, time.time(), show_uri=run.several_hosts)
@@ -409,6 +417,9 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument(
         "-c",
         "--connect",
+        # After the subcommand, a separate list: argparse would otherwise
+        # replace the URIs given before it instead of adding to them.
+        dest="connect_after" if suppress else "connect",
         action="append",
         metavar="URI",
         default=default(None),
@@ -634,6 +645,11 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("--format prometheus applies to 'stats' only")
     if args.format != "table" and args.command in ("check", "watch"):
         raise UsageError(f"'{args.command}' has its own output; --format does not apply")
+    if args.readonly and args.command in ("period", "enable", "disable", "path", "rearm"):
+        raise UsageError(
+            f"'{args.command}' needs the QMP passthrough or a change through libvirt, which a read-only "
+            "connection refuses; drop -r"
+        )
     if args.readonly and getattr(args, "source", "libvirt") != "libvirt":
         raise UsageError("a read-only connection cannot use the QMP passthrough; add --source libvirt")
 
@@ -642,6 +658,7 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.connect = (args.connect or []) + (getattr(args, "connect_after", None) or []) or None
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -39,7 +39,7 @@ def validate_interval(value: Any, *, via: str = "libvirt") -> int:
     """
     if via not in ROUTES:
         raise InvalidArgument(f"unknown route {via!r}; use one of: {', '.join(ROUTES)}")
-    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(
