@@ -495,6 +495,23 @@ def _positive(text: str) -> float:
     return value
 
 
+_EXAMPLES = {
+    "stats": (
+        "stats web1",
+        "stats --all --format json",
+        "stats -c qemu:///system -c qemu+tcp://hv2/system --all",
+        "stats --source libvirt -r web1",
+    ),
+    "period": ("period web1", "period web1 db1 10", "period --via qmp web1 0", "period --config web1 5"),
+    "enable": ("enable web1", "enable --period 10 web1 db1"),
+    "disable": ("disable web1",),
+    "path": ("path web1",),
+    "check": ("check --all", "check --max-age 60 web1 db1"),
+    "watch": ("watch --all", "watch --interval 5 web1 db1"),
+    "rearm": ("rearm --all", "rearm --force web1"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     parser = argparse.ArgumentParser(
@@ -512,7 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
     def command(
         name: str, func: Callable[[Run], int], help_text: str, description: str
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=description)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog="examples:\n" + "\n".join(f"  virt-balloon-stats {e}" for e in _EXAMPLES[name]),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common(p, suppress=True)
         p.set_defaults(func=func)
         return p
@@ -539,7 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
         "With SECONDS (0 disables), set it and read QEMU's value back. A trailing number "
         "after at least one domain is SECONDS; use --set when that is ambiguous.",
     )
-    p.add_argument("words", nargs="+", metavar="DOMAIN... [SECONDS]")
+    p.add_argument(
+        "words",
+        nargs="+",
+        metavar="DOMAIN",
+        help="domain name, UUID or id; a number after the last is SECONDS",
+    )
     p.add_argument("--set", metavar="SECONDS", help="the interval to set, in whole seconds (0 disables)")
     _setting(p)
 
