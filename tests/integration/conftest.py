@@ -101,8 +101,8 @@ def domains(conn: "libvirt.virConnect") -> Iterator[Domains]:
     d.destroy_all()
 
 
-# Shared, read-only guests: created once per session, in the background of
-# each other (creation returns at once; only waiting costs time).
+# Shared guests that tests only read: created once per test session, destroyed
+# at its end.
 
 
 @pytest.fixture(scope="session")
