@@ -26,6 +26,7 @@ from virt_balloon_stats.errors import (
     BalloonStatsError,
     InvalidArgument,
     NoBalloonDevice,
+    QMPBadReply,
     QMPExecuteError,
 )
 from virt_balloon_stats.host import Guest, Host
@@ -167,7 +168,7 @@ class BalloonStats:
         if not device.present:
             raise NoBalloonDevice("the domain has no balloon device, so no stats polling", domain=guest.name)
         _, value = self._qom_get(guest, device, POLLING_PROPERTY)
-        return PollingState(qemu_interval=int(str(value)), libvirt_period=device.stats_period)
+        return PollingState(qemu_interval=_interval(value, guest), libvirt_period=device.stats_period)
 
     def set_polling_interval(
         self,
@@ -293,7 +294,7 @@ class BalloonStats:
         check = skipped(f"source is {source}; the cross-check needs both")
         if use_qmp:
             path, value = self._qom_get(guest, device, POLLING_PROPERTY)
-            interval = int(str(value))
+            interval = _interval(value, guest)
             actual = self.qmp.query_balloon(guest)
             stats, libvirt_stats, check = self._read_guest_stats(
                 guest, device, actual, libvirt_stats, use_libvirt
@@ -384,6 +385,13 @@ class BalloonStats:
             return [self.sample(g, source, prefetched=bulk.get(g.uuid)) for g in guests]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(guests))) as pool:
             return list(pool.map(lambda g: self.sample(g, source, prefetched=bulk.get(g.uuid)), guests))
+
+
+def _interval(value: object, guest: Guest) -> int:
+    """QEMU's ``guest-stats-polling-interval``, checked: an integer of 0 or more."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise QMPBadReply(f"{POLLING_PROPERTY} is not a number of seconds: {value!r}", domain=guest.name)
+    return value
 
 
 class _Identity:

@@ -7,6 +7,7 @@ fake. The clock is pinned per scenario (see conftest.EXPECTED_STATUS).
 
 from __future__ import annotations
 
+import copy
 import json
 
 import libvirt
@@ -27,7 +28,13 @@ from tests.unit.conftest import (
 )
 from virt_balloon_stats.client import CROSSCHECK_ATTEMPTS, BalloonStats
 from virt_balloon_stats.crosscheck import Result
-from virt_balloon_stats.errors import DomainNotFound, DomainNotRunning, InvalidArgument, NoBalloonDevice
+from virt_balloon_stats.errors import (
+    DomainNotFound,
+    DomainNotRunning,
+    InvalidArgument,
+    NoBalloonDevice,
+    QMPBadReply,
+)
 from virt_balloon_stats.qmp import POLLING_PROPERTY
 from virt_balloon_stats.qompath import QOMPath
 from virt_balloon_stats.stats import STATS, Status, parse_guest_stats
@@ -539,3 +546,19 @@ def test_to_dict_sampled_at_is_the_pinned_clock():
     fixture = load("virtio")
     doc = world("virtio").client.sample(fixture["domain"]["name"]).to_dict()
     assert doc["sampled_at"] == round(now_for(fixture), 3)
+
+
+@pytest.mark.parametrize("value", ['"soon"', "-2", "true", "1.5"])
+def test_malformed_polling_interval_is_an_unreachable_sample(value):
+    """Nonsense for the interval (synthetic: no real QEMU says it) is a bad reply, not a crash."""
+    fixture = copy.deepcopy(load("virtio"))
+    wanted = _qom_get(fixture, POLLING_PROPERTY)
+    for exchange in fixture["qmp"]:
+        if exchange["command"] == wanted:
+            exchange["reply"] = '{"return":%s,"id":"libvirt-1"}' % value
+    w = World([fixture], now=now_for(fixture))
+    sample = w.client.sample(fixture["domain"]["name"])
+    assert sample.status is Status.UNREACHABLE
+    assert isinstance(sample.error, QMPBadReply) and POLLING_PROPERTY in str(sample.error)
+    with pytest.raises(QMPBadReply):
+        w.client.polling(fixture["domain"]["name"])
