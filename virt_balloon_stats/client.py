@@ -164,7 +164,10 @@ class BalloonStats:
         if guest.id is None:
             device = self.balloon_device(guest, inactive=True)
             return PollingState(qemu_interval=None, libvirt_period=device.stats_period)
-        device = self.balloon_device(guest)
+        return self._live_polling(guest, self.balloon_device(guest))
+
+    def _live_polling(self, guest: Guest, device: BalloonDevice) -> PollingState:
+        """:meth:`polling` of a running domain whose live XML is already parsed."""
         if not device.present:
             raise NoBalloonDevice("the domain has no balloon device, so no stats polling", domain=guest.name)
         _, value = self._qom_get(guest, device, POLLING_PROPERTY)
@@ -196,7 +199,13 @@ class BalloonStats:
                 "a persistent (config) change needs the libvirt route; QMP only reaches the running QEMU"
             )
         guest = self.guest(ref)
-        before = self.polling(guest).qemu_interval if live else None
+        before = self._live_polling(guest, self.balloon_device(guest)) if live else None
+        return self._set(guest, value, via=via, live=live, config=config, before=before)
+
+    def _set(
+        self, guest: Guest, value: int, *, via: str, live: bool, config: bool, before: Optional[PollingState]
+    ) -> PollingState:
+        """Apply a validated interval; ``before`` is the live state already read, if any."""
         if via == "libvirt":
             guest.set_memory_stats_period(value, live=live, config=config)
         else:
@@ -206,7 +215,8 @@ class BalloonStats:
         after = self.polling(guest)
         if config and not live and guest.id is not None:
             after = PollingState(after.qemu_interval, self.balloon_device(guest, inactive=True).stats_period)
-        return PollingState(after.qemu_interval, after.libvirt_period, changed_from=before)
+        changed_from = before.qemu_interval if before is not None else None
+        return PollingState(after.qemu_interval, after.libvirt_period, changed_from=changed_from)
 
     def rearm(self, ref: GuestRef, *, via: str = "libvirt") -> PollingState:
         """Set QEMU's current interval again, which re-arms a stalled stats timer.
@@ -218,13 +228,14 @@ class BalloonStats:
         :raise InvalidArgument: When polling is disabled (nothing to re-arm).
         """
         guest = self.guest(ref)
-        current = self.polling(guest).qemu_interval
-        if not current:
+        before = self._live_polling(guest, self.balloon_device(guest))
+        if not before.qemu_interval:
             raise InvalidArgument(
                 "polling is disabled, so there is no timer to re-arm; enable it with a period",
                 domain=guest.name,
             )
-        return self.set_polling_interval(guest, current, via=via)
+        value = validate_interval(before.qemu_interval, via=via)
+        return self._set(guest, value, via=via, live=True, config=False, before=before)
 
     # -- sampling ------------------------------------------------------------
 

@@ -142,6 +142,11 @@ def test_memory_hog_lowers_free_memory(client, driver_guest, domains):
         timeout=60,
         what="the hog guest's free memory to drop by about 64 MiB",
     )
+    idle, hog = client.sample(driver_guest), client.sample(name)
+    dropped = idle.get("stat-free-memory") - hog.get("stat-free-memory")
+    assert 48 * MIB < dropped < 80 * MIB, dropped / MIB
+    assert hog.get("stat-total-memory") == idle.get("stat-total-memory")  # same guest size, less free
+    assert hog.status is Status.OK
 
 
 @pytest.mark.parametrize("via", ["libvirt", "qmp"])
