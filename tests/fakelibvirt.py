@@ -203,11 +203,17 @@ class FakeConnect:
         self._called("domainListGetStats", list(doms), stats, flags)
         out = []
         for dom in doms:
-            record = dict(dom.fixture["all_domain_stats"])
-            if dom.UUIDString() in self._busy:
-                if not flags & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT:
-                    raise AssertionError("a busy domain without NOWAIT would block libvirt for 30 s")
-                record = {}
+            record: Dict[str, Any] = {}
+            if stats & libvirt.VIR_DOMAIN_STATS_BALLOON:
+                record.update(dom.fixture["all_domain_stats"])
+                if dom.UUIDString() in self._busy:
+                    if not flags & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT:
+                        raise AssertionError("a busy domain without NOWAIT would block libvirt for 30 s")
+                    record = {}
+            if stats & libvirt.VIR_DOMAIN_STATS_STATE:
+                # libvirt reads the state from its own definition, without a
+                # job on QEMU: a busy domain still has it.
+                record["state.state"], record["state.reason"] = dom._state
             out.append((dom, record))
         return out
 

@@ -16,7 +16,7 @@ Example, a sysadmin's script::
 
 from __future__ import annotations
 
-import concurrent.futures
+import dataclasses
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -24,17 +24,19 @@ from virt_balloon_stats.crosscheck import CrossCheck, Result, crosscheck, skippe
 from virt_balloon_stats.domxml import BalloonDevice, parse_balloon
 from virt_balloon_stats.errors import (
     BalloonStatsError,
+    DomainNotFound,
     InvalidArgument,
     NoBalloonDevice,
     QMPBadReply,
     QMPExecuteError,
 )
-from virt_balloon_stats.host import Guest, Host
+from virt_balloon_stats.host import DomainRecord, Guest, Host
 from virt_balloon_stats.polling import PollingState, validate_interval
 from virt_balloon_stats.qmp import POLLING_PROPERTY
 from virt_balloon_stats.qompath import QOMPath, QOMPathCache
 from virt_balloon_stats.sample import SOURCES, Sample
 from virt_balloon_stats.stats import (
+    ACTUAL,
     DEFAULT_GRACE_SECONDS,
     LAST_UPDATE,
     GuestStats,
@@ -46,7 +48,7 @@ from virt_balloon_stats.stats import (
 )
 from virt_balloon_stats.transport import QMPClient
 
-__all__ = ["BalloonStats", "GuestRef"]
+__all__ = ["BalloonStats", "DomainMemo", "GuestRef", "DEFAULT_REFRESH_SECONDS"]
 
 #: A domain given as a looked-up :class:`Guest` or as virsh names it.
 GuestRef = Union[Guest, str]
@@ -58,6 +60,32 @@ CROSSCHECK_ATTEMPTS = 3
 #: domains run in parallel inside libvirtd; more threads than this only queue.
 DEFAULT_WORKERS = 8
 
+#: Seconds between re-reads of QEMU's polling interval (and one query-balloon
+#: to cross-check ``actual``) for a domain whose figures give no reason to.
+#: The figures themselves trigger a re-read at once when a change behind our
+#: back would matter (see :class:`DomainMemo`).
+DEFAULT_REFRESH_SECONDS = 300.0
+
+
+@dataclasses.dataclass
+class DomainMemo:
+    """What a reader remembers about one incarnation (UUID and id) of a domain.
+
+    A one-shot reading starts with an empty memo; a long-running one keeps a
+    memo per domain, so that a steady reading costs one QMP call
+    (``guest-stats``). The cached interval is re-read every
+    :data:`DEFAULT_REFRESH_SECONDS`, and at once when the figures disagree
+    with it: the status would change (a disabled or lengthened interval
+    makes fresh figures look stale), or ``last-update`` moved faster than
+    the interval allows (it was shortened).
+    """
+
+    device: Optional[BalloonDevice] = None
+    interval: Optional[int] = None
+    refresh_due: float = 0.0
+    status: Optional[Status] = None
+    last_update: Optional[int] = None
+
 
 class BalloonStats:
     """Balloon statistics of the domains behind one libvirt connection.
@@ -65,7 +93,9 @@ class BalloonStats:
     :param host: The connection.
     :param qmp: The QMP client; defaults to the libvirt passthrough.
     :param grace: Seconds beyond ``2 x interval`` before figures are stale.
+    :param refresh: Seconds between re-reads of a cached polling interval.
     :param clock: Returns epoch seconds; tests pin it.
+    :param monotonic: Measures time between readings; tests pin it.
     """
 
     def __init__(
@@ -74,14 +104,18 @@ class BalloonStats:
         qmp: Optional[QMPClient] = None,
         *,
         grace: float = DEFAULT_GRACE_SECONDS,
+        refresh: float = DEFAULT_REFRESH_SECONDS,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if grace < 0:
             raise InvalidArgument(f"grace must be 0 or more seconds, not {grace}")
         self.host = host
         self.qmp = qmp or QMPClient()
         self.grace = grace
+        self.refresh = refresh
         self.clock = clock
+        self.monotonic = monotonic
         self.paths = QOMPathCache()
 
     @classmethod
@@ -240,94 +274,129 @@ class BalloonStats:
     # -- sampling ------------------------------------------------------------
 
     def sample(
-        self, ref: GuestRef, source: str = "both", *, prefetched: Optional[Mapping[str, int]] = None
+        self,
+        ref: GuestRef,
+        source: str = "both",
+        *,
+        prefetched: Optional[Mapping[str, int]] = None,
+        state: Optional[str] = None,
+        memo: Optional[DomainMemo] = None,
+        bulk: Optional[Callable[[], Optional[DomainRecord]]] = None,
     ) -> Sample:
         """Read one domain's figures; failures become an ``unreachable`` sample.
 
         :param source: One of :data:`~virt_balloon_stats.sample.SOURCES`.
-        :param prefetched: libvirt's figures for this domain, already read in
-            bulk (as :meth:`sample_many` does); skips one ``memoryStats()``.
+        :param prefetched: libvirt's figures for this domain, already read;
+            skips one ``memoryStats()``.
+        :param state: The domain state, already known; skips one ``state()``.
+        :param memo: What an earlier reading of this incarnation of the
+            domain learnt (parsed XML, polling interval); a long-running
+            reader keeps one per domain so a steady reading is one QMP call.
+        :param bulk: Called once QEMU has been read, for this domain's entry
+            of a bulk call that the collector makes for every domain that got
+            that far (its state and libvirt's figures); ``None`` when it has
+            none, and then this domain asks libvirt itself.
         :raise InvalidArgument: For an unknown source.
         :raise DomainNotFound: When a name does not match (a Guest never fails here).
         """
         if source not in SOURCES:
             raise InvalidArgument(f"unknown source {source!r}; use one of: {', '.join(SOURCES)}")
         guest = self.guest(ref)
+        memo = memo if memo is not None else DomainMemo()
         base = _Identity(self.host.uri, guest, source)
-        state = "unknown"
-        libvirt_period: Optional[int] = None
+        side = _LibvirtSide(guest, state, prefetched, bulk)
         try:
-            state = guest.state()
-            device = self.balloon_device(guest)
-            libvirt_period = device.stats_period
-            return self._sample(guest, device, state, source, base, prefetched)
+            if bulk is None:
+                side.state()  # cheap (no job on QEMU), and says "shutoff" if the reading fails
+            if memo.device is None:
+                memo.device = self.balloon_device(guest)
+            return self._sample(guest, memo, side, source, base)
         except BalloonStatsError as err:
             return base.sample(
-                state=state,
+                state=side.known_state,
                 sampled_at=self.clock(),
                 status=Status.UNREACHABLE,
                 message=f"{err}",
-                polling=PollingState(None, libvirt_period),
+                polling=PollingState(None, memo.device.stats_period if memo.device else None),
                 crosscheck=skipped("the figures could not be read"),
                 error=err,
             )
 
     def _sample(
-        self,
-        guest: Guest,
-        device: BalloonDevice,
-        state: str,
-        source: str,
-        base: "_Identity",
-        prefetched: Optional[Mapping[str, int]],
+        self, guest: Guest, memo: DomainMemo, side: "_LibvirtSide", source: str, base: "_Identity"
     ) -> Sample:
-        use_qmp = source in ("qmp", "both")
+        device = memo.device
+        assert device is not None
         use_libvirt = source in ("libvirt", "both")
-        libvirt_stats: Optional[Mapping[str, int]] = None
-        if use_libvirt:
-            libvirt_stats = prefetched if prefetched is not None else guest.memory_stats()
-        if not device.present:
-            status, message = classify(
-                state=state, has_balloon=False, interval=None, last_update=None, now=self.clock()
-            )
+        if not device.present or source == "libvirt":
+            libvirt_stats = side.stats() if use_libvirt else None
+            state = side.state()
+            now = self.clock()
+            if not device.present:
+                status, message = classify(
+                    state=state, has_balloon=False, interval=None, last_update=None, now=now
+                )
+                return base.sample(
+                    state=state,
+                    sampled_at=now,
+                    status=status,
+                    message=message,
+                    polling=PollingState(None, device.stats_period),
+                    libvirt=libvirt_stats,
+                    crosscheck=skipped("no balloon device"),
+                )
+            assert libvirt_stats is not None
+            stats, libvirt_actual = stats_from_libvirt(libvirt_stats)
+            status, message = self._classify(state, device.stats_period, stats, now)
             return base.sample(
                 state=state,
-                sampled_at=self.clock(),
+                sampled_at=now,
                 status=status,
                 message=message,
                 polling=PollingState(None, device.stats_period),
+                crosscheck=skipped("source is libvirt; the cross-check needs both"),
+                stats=stats,
+                actual_bytes=libvirt_actual,
                 libvirt=libvirt_stats,
-                crosscheck=skipped("no balloon device"),
             )
-        path: Optional[QOMPath] = None
-        interval: Optional[int] = None
-        actual: Optional[int] = None
-        check = skipped(f"source is {source}; the cross-check needs both")
-        if use_qmp:
-            path, value = self._qom_get(guest, device, POLLING_PROPERTY)
-            interval = _interval(value, guest)
-            actual = self.qmp.query_balloon(guest)
-            stats, libvirt_stats, check = self._read_guest_stats(
-                guest, device, actual, libvirt_stats, use_libvirt
-            )
+        # QEMU first: a domain whose QEMU hangs never reaches libvirt's side,
+        # so the collector's bulk call only ever includes domains that answer.
+        refreshed = memo.interval is None or self.monotonic() >= memo.refresh_due
+        if refreshed:
+            self._read_interval(guest, memo)
+        path, value = self._qom_get(guest, device, "guest-stats")
+        stats = parse_guest_stats(value)
+        libvirt_stats = side.stats() if use_libvirt else None
+        state = side.state()
+        # libvirt's own balloon size (kept exact from QEMU's BALLOON_CHANGE
+        # events) stands in for query-balloon between refreshes.
+        current = libvirt_stats.get(ACTUAL.libvirt or "") if libvirt_stats else None
+        if refreshed or current is None:
+            actual: int = self.qmp.query_balloon(guest)
+            checked_actual: Optional[int] = actual
         else:
-            assert libvirt_stats is not None
-            stats, actual = stats_from_libvirt(libvirt_stats)
+            actual, checked_actual = ACTUAL.from_libvirt(current), None
+        check = skipped("source is qmp; the cross-check needs both")
+        if use_libvirt:
+            path, stats, libvirt_stats, check = self._crosscheck(
+                guest, device, path, stats, checked_actual, libvirt_stats
+            )
         now = self.clock()
-        status, message = classify(
-            state=state,
-            has_balloon=True,
-            interval=interval if use_qmp else device.stats_period,
-            last_update=stats.last_update,
-            now=now,
-            grace=self.grace,
-        )
+        status, message = self._classify(state, memo.interval, stats, now)
+        if not refreshed and (
+            status is not memo.status or _shortened(memo.last_update, stats.last_update, memo.interval)
+        ):
+            # The figures say something changed: confirm against QEMU's live
+            # interval, which may have been changed behind our back.
+            self._read_interval(guest, memo)
+            status, message = self._classify(state, memo.interval, stats, now)
+        memo.status, memo.last_update = status, stats.last_update
         return base.sample(
             state=state,
             sampled_at=now,
             status=status,
             message=message,
-            polling=PollingState(interval, device.stats_period),
+            polling=PollingState(memo.interval, device.stats_period),
             crosscheck=check,
             qom_path=path,
             stats=stats,
@@ -335,19 +404,35 @@ class BalloonStats:
             libvirt=libvirt_stats,
         )
 
-    def _read_guest_stats(
+    def _read_interval(self, guest: Guest, memo: DomainMemo) -> None:
+        """Read QEMU's live polling interval into ``memo`` and schedule the next read."""
+        assert memo.device is not None
+        _, value = self._qom_get(guest, memo.device, POLLING_PROPERTY)
+        memo.interval = _interval(value, guest)
+        memo.refresh_due = self.monotonic() + self.refresh
+
+    def _classify(
+        self, state: str, interval: Optional[int], stats: GuestStats, now: float
+    ) -> Tuple[Status, str]:
+        return classify(
+            state=state,
+            has_balloon=True,
+            interval=interval,
+            last_update=stats.last_update,
+            now=now,
+            grace=self.grace,
+        )
+
+    def _crosscheck(
         self,
         guest: Guest,
         device: BalloonDevice,
-        actual: int,
+        path: QOMPath,
+        stats: GuestStats,
+        actual: Optional[int],
         libvirt_stats: Optional[Mapping[str, int]],
-        use_libvirt: bool,
-    ) -> Tuple[GuestStats, Optional[Mapping[str, int]], CrossCheck]:
-        """Read guest-stats, and cross-check against libvirt until both saw the same update."""
-        _, value = self._qom_get(guest, device, "guest-stats")
-        stats = parse_guest_stats(value)
-        if not use_libvirt:
-            return stats, None, skipped("source is qmp; the cross-check needs both")
+    ) -> Tuple[QOMPath, GuestStats, Mapping[str, int], CrossCheck]:
+        """Cross-check against libvirt, re-reading both until they saw the same update."""
         check = skipped("not attempted")
         for attempt in range(CROSSCHECK_ATTEMPTS):
             if (
@@ -356,13 +441,14 @@ class BalloonStats:
                 or (libvirt_stats.get(LAST_UPDATE.libvirt or "") or None) != stats.last_update
             ):
                 if attempt:
-                    _, value = self._qom_get(guest, device, "guest-stats")
+                    path, value = self._qom_get(guest, device, "guest-stats")
                     stats = parse_guest_stats(value)
                 libvirt_stats = guest.memory_stats()
             check = crosscheck(stats, actual, libvirt_stats)
             if check.result is not Result.INCONCLUSIVE:
                 break
-        return stats, libvirt_stats, check
+        assert libvirt_stats is not None
+        return path, stats, libvirt_stats, check
 
     def sample_many(
         self,
@@ -370,32 +456,39 @@ class BalloonStats:
         source: str = "both",
         *,
         workers: int = DEFAULT_WORKERS,
+        timeout: Optional[float] = None,
     ) -> List[Sample]:
         """Sample several domains (every running one when ``refs`` is ``None``), in parallel.
 
-        libvirt's figures for all of them come from one bulk call with
-        ``NOWAIT``, so a hung QEMU costs its own sample, not everyone's.
-        Results come back in the order asked.
+        One collector cycle (:class:`~virt_balloon_stats.collector.Collector`)
+        over this connection: libvirt's figures and states for all domains
+        come from one bulk call with ``NOWAIT``, and a domain whose QEMU has
+        not answered within ``timeout`` seconds is reported ``unresponsive``
+        instead of holding up the others. Results come back in the order
+        asked (by name for every running domain).
+
+        :raise InvalidArgument: For a bad source, ``workers`` or ``timeout``.
         """
-        if workers < 1:
-            raise InvalidArgument(f"workers must be 1 or more, not {workers}")
-        guests = self.guests(refs)
-        if refs is None:
-            self.paths.retain(guests)  # every running domain: forget the ones gone
-        bulk: Dict[str, Mapping[str, int]] = {}
-        if source in ("libvirt", "both") and guests:
-            try:
-                raw = self.host.balloon_stats(guests)
-            except BalloonStatsError:
-                raw = {}  # each domain falls back to its own memoryStats() call
-            converted = {uuid: memory_stats_from_domstats(rec) for uuid, rec in raw.items()}
-            # A domain whose QEMU was busy comes back without its guest figures
-            # (NOWAIT): leave it out, so it gets its own memoryStats() call.
-            bulk = {uuid: rec for uuid, rec in converted.items() if LAST_UPDATE.libvirt in rec}
-        if len(guests) <= 1:
-            return [self.sample(g, source, prefetched=bulk.get(g.uuid)) for g in guests]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(guests))) as pool:
-            return list(pool.map(lambda g: self.sample(g, source, prefetched=bulk.get(g.uuid)), guests))
+        # The collector is the layer above this one; imported here so that
+        # importing the client does not pull it in.
+        from virt_balloon_stats.collector import Collector
+
+        collector = Collector(
+            clients=[self], domains=refs, source=source, workers=workers, timeout=timeout, events=False
+        )
+        try:
+            cycle = collector.collect()
+        finally:
+            collector.stop(close=False)
+        for problem in cycle.problems:
+            if isinstance(problem.error, DomainNotFound) or refs is None:
+                raise problem.error
+        return list(cycle.samples)
+
+
+def _shortened(before: Optional[int], after: Optional[int], interval: Optional[int]) -> bool:
+    """Whether two successive ``last-update`` values came closer than the interval allows."""
+    return bool(before and after and interval and 0 < after - before < interval)
 
 
 def _interval(value: object, guest: Guest) -> int:
@@ -403,6 +496,58 @@ def _interval(value: object, guest: Guest) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise QMPBadReply(f"{POLLING_PROPERTY} is not a number of seconds: {value!r}", domain=guest.name)
     return value
+
+
+class _LibvirtSide:
+    """libvirt's view of one domain for one reading, fetched once and only when needed.
+
+    From the first of: what the caller passed, the collector's bulk call,
+    or a call of this domain's own (``state()``, ``memoryStats()``).
+    """
+
+    def __init__(
+        self,
+        guest: Guest,
+        state: Optional[str],
+        prefetched: Optional[Mapping[str, int]],
+        bulk: Optional[Callable[[], Optional[DomainRecord]]],
+    ) -> None:
+        self._guest = guest
+        self._state = state
+        self._stats = prefetched
+        self._bulk = bulk
+        self._record: Optional[DomainRecord] = None
+
+    @property
+    def known_state(self) -> str:
+        """The state if it was learnt, without asking for it."""
+        return self._state or "unknown"
+
+    def _from_bulk(self) -> Optional[DomainRecord]:
+        if self._bulk is not None:
+            bulk, self._bulk = self._bulk, None
+            self._record = bulk()
+        return self._record
+
+    def state(self) -> str:
+        """libvirt's state word."""
+        if self._state is None:
+            record = self._from_bulk()
+            if record is not None and record.state != "unknown":
+                self._state = record.state
+            else:
+                self._state = self._guest.state()
+        return self._state
+
+    def stats(self) -> Mapping[str, int]:
+        """``memoryStats()``-shaped figures."""
+        if self._stats is None:
+            record = self._from_bulk()
+            converted = memory_stats_from_domstats(record.balloon) if record is not None else {}
+            # NOWAIT leaves a busy QEMU's domain without its guest figures:
+            # then this domain asks on its own.
+            self._stats = converted if LAST_UPDATE.libvirt in converted else self._guest.memory_stats()
+        return self._stats
 
 
 class _Identity:

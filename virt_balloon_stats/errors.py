@@ -23,6 +23,7 @@ translates it once, by error code.
      +-- InvalidDomainXML           the domain XML could not be parsed
      +-- NoBalloonDevice            the domain has no balloon (``model='none'``)
      +-- QOMPathNotFound           the balloon could not be located in QOM
+ +-- QEMUUnresponsive          QEMU did not answer within the deadline
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "InvalidDomainXML",
     "NoBalloonDevice",
     "QOMPathNotFound",
+    "QEMUUnresponsive",
 ]
 
 
@@ -175,3 +177,11 @@ class NoBalloonDevice(BalloonStatsError):
 
 class QOMPathNotFound(BalloonStatsError):
     """The balloon device could not be located in QEMU's QOM tree."""
+
+
+class QEMUUnresponsive(BalloonStatsError):
+    """QEMU did not answer within the deadline: hung, stopped, or very busy.
+
+    Carried by ``unresponsive`` samples; the call itself is left running in
+    a daemon thread, and the domain is not asked again until it returns.
+    """

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import re
 import threading
 import uuid as uuidlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import libvirt
 
@@ -42,6 +43,9 @@ __all__ = [
     "translate_error",
     "Guest",
     "Host",
+    "DomainRecord",
+    "HostEvent",
+    "start_event_loop",
     "silence_libvirt_stderr",
 ]
 
@@ -71,6 +75,80 @@ _CONNECTION_CODES = frozenset(
         libvirt.VIR_ERR_AUTH_UNAVAILABLE,
     }
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainRecord:
+    """One domain's entry of a bulk ``virDomainListGetStats`` call.
+
+    :ivar state: libvirt's state word (``running``, ``paused``...).
+    :ivar balloon: The ``balloon.*`` members as libvirt gave them; empty when
+        libvirt skipped a busy domain (``NOWAIT``).
+    """
+
+    state: str
+    balloon: Mapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class HostEvent:
+    """What libvirt told us asynchronously, reduced to what a reader acts on.
+
+    :ivar kind: ``lifecycle``, ``device`` (a device was added or removed),
+        ``balloon`` (the balloon's size changed) or ``closed`` (the
+        connection was lost; ``uuid`` is ``None``).
+    :ivar uuid: The domain concerned.
+    :ivar detail: A short word for logs (``started``, ``stopped``, ``eof``...).
+    """
+
+    kind: str
+    uuid: Optional[str]
+    detail: str
+
+
+_LIFECYCLE_NAMES = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
+
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "eof",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive",
+    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "client",
+}
+
+_event_loop_lock = threading.Lock()
+_event_loop_thread: Optional[threading.Thread] = None
+
+
+def start_event_loop() -> None:
+    """Run libvirt's default event loop in a daemon thread, once per process.
+
+    Events, the close callback and keepalive all need it, and it must be
+    registered before the connections that use it are opened. libvirt's
+    callbacks run in this thread; :class:`Host` only queues them there, as
+    nova does, so nothing slow ever runs inside libvirt's loop.
+    """
+    global _event_loop_thread
+    with _event_loop_lock:
+        if _event_loop_thread is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _event_loop_thread = threading.Thread(target=loop, name="libvirt-event-loop", daemon=True)
+        _event_loop_thread.start()
 
 
 def default_uri() -> str:
@@ -312,6 +390,67 @@ class Host:
                 [g.domain for g in guests], libvirt.VIR_DOMAIN_STATS_BALLOON, flags
             )
         return {dom.UUIDString(): dict(stats) for dom, stats in records}
+
+    def domain_records(self, guests: Sequence[Guest], *, balloon: bool = True) -> Dict[str, DomainRecord]:
+        """State (and balloon figures) of many domains in one round trip, keyed by UUID.
+
+        The state costs nothing extra: libvirt reads it from its own
+        definition, without a job on QEMU, so even a hung QEMU's domain
+        comes back with its state (``NOWAIT`` skips only its balloon part).
+        """
+        if not guests:
+            return {}
+        stats = libvirt.VIR_DOMAIN_STATS_STATE | (libvirt.VIR_DOMAIN_STATS_BALLOON if balloon else 0)
+        with libvirt_call(self.counter, "domainListGetStats"):
+            records = self.conn.domainListGetStats(
+                [g.domain for g in guests], stats, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+            )
+        out = {}
+        for dom, raw in records:
+            state = raw.get("state.state")
+            out[dom.UUIDString()] = DomainRecord(
+                state="unknown" if state is None else _STATE_NAMES.get(state, f"unknown-{state}"),
+                balloon={str(k): int(v) for k, v in raw.items() if str(k).startswith("balloon.")},
+            )
+        return out
+
+    def watch(self, queue: Callable[[HostEvent], None], *, keepalive: Optional[int] = 5) -> None:
+        """Deliver domain events and the loss of the connection to ``queue``.
+
+        Needs :func:`start_event_loop` before :meth:`open`. ``queue`` is called
+        in libvirt's event thread, so it must only hand the event on. With
+        ``keepalive`` (seconds), a libvirtd that stops answering is noticed
+        after about three missed replies even when no call is in flight.
+
+        :raise LibvirtFailure: When libvirt refuses a registration.
+        """
+
+        def lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+            queue(HostEvent("lifecycle", dom.UUIDString(), _LIFECYCLE_NAMES.get(event, str(event))))
+
+        def device(_conn: Any, dom: Any, alias: str, _opaque: Any) -> None:
+            queue(HostEvent("device", dom.UUIDString(), str(alias)))
+
+        def balloon(_conn: Any, dom: Any, actual: int, _opaque: Any) -> None:
+            queue(HostEvent("balloon", dom.UUIDString(), str(actual)))
+
+        def closed(_conn: Any, reason: int, _opaque: Any) -> None:
+            queue(HostEvent("closed", None, _CLOSE_REASONS.get(reason, str(reason))))
+
+        registrations = (
+            (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),
+            (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, device),
+            (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, device),
+            (libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, balloon),
+        )
+        for event_id, callback in registrations:
+            with libvirt_call(self.counter, "domainEventRegisterAny"):
+                self.conn.domainEventRegisterAny(None, event_id, callback, None)
+        with libvirt_call(self.counter, "registerCloseCallback"):
+            self.conn.registerCloseCallback(closed, None)
+        if keepalive:
+            with libvirt_call(self.counter, "setKeepAlive"):
+                self.conn.setKeepAlive(keepalive, 3)
 
 
 def _is_uuid(text: str) -> bool:

@@ -17,6 +17,7 @@ never_updated                 WARNING    no balloon driver answers in the guest
 cross-check ``mismatch``      WARNING    QEMU and libvirt disagree
 stale                         CRITICAL   the guest stopped answering
 older than ``--max-age``      CRITICAL   the operator's own freshness limit
+unresponsive                  CRITICAL   QEMU did not answer within --timeout
 no_balloon                    UNKNOWN    nothing to measure
 unreachable                   UNKNOWN    the figures could not be read
 ============================  =========  ====================================
@@ -55,6 +56,7 @@ _BY_STATUS = {
     Status.STALE: State.CRITICAL,
     Status.NO_BALLOON: State.UNKNOWN,
     Status.UNREACHABLE: State.UNKNOWN,
+    Status.UNRESPONSIVE: State.CRITICAL,
 }
 
 

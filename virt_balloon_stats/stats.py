@@ -248,6 +248,7 @@ class Status(str, enum.Enum):
     PAUSED = "paused"
     NO_BALLOON = "no_balloon"
     UNREACHABLE = "unreachable"
+    UNRESPONSIVE = "unresponsive"
 
 
 #: One line per status, for people; :func:`classify` fills in the numbers.
@@ -261,6 +262,7 @@ STATUS_MEANINGS: Mapping[Status, str] = {
     Status.PAUSED: "the domain is paused: QEMU's stats timer runs on the virtual clock and is stopped",
     Status.NO_BALLOON: "the domain has no balloon device (<memballoon model='none'/>)",
     Status.UNREACHABLE: "the figures could not be read",
+    Status.UNRESPONSIVE: "QEMU did not answer in time; it may be hung or stopped",
 }
 
 #: Slack added to ``2 x interval`` before figures count as stale: the guest

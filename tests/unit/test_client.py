@@ -217,7 +217,7 @@ def test_source_qmp_calls_no_memory_stats(name):
 
 
 def test_sample_sends_exactly_the_read_commands():
-    """One sample: locate the balloon, read interval, actual and guest-stats; nothing else."""
+    """One sample: locate the balloon, read interval, guest-stats and actual; nothing else."""
     fixture = load("virtio")
     path = fixture["balloon_path"]
     w = world("virtio")
@@ -226,8 +226,8 @@ def test_sample_sends_exactly_the_read_commands():
         {"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}},
         {"execute": "qom-list", "arguments": {"path": path}},
         {"execute": "qom-get", "arguments": {"path": path, "property": POLLING_PROPERTY}},
-        {"execute": "query-balloon"},
         {"execute": "qom-get", "arguments": {"path": path, "property": "guest-stats"}},
+        {"execute": "query-balloon"},
     ]
     assert all(s["flags"] == 0 for s in w.transport.sent)
     assert all('"id"' not in s["raw"] for s in w.transport.sent)
@@ -490,12 +490,13 @@ def test_sample_many_without_names_samples_every_running_domain():
     assert w.conn.calls_to("listAllDomains") == [(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE,)]
 
 
-def test_sample_many_source_qmp_makes_no_bulk_call():
-    """The bulk call is for libvirt's figures only."""
+def test_sample_many_source_qmp_asks_the_bulk_call_for_states_only():
+    """With QMP alone, the bulk call carries the states (no state() per domain), no balloon figures."""
     w, fixtures = _many()
     w.client.sample_many([f["domain"]["name"] for f in fixtures], source="qmp")
-    assert w.conn.calls_to("domainListGetStats") == []
-    assert all(d.calls_to("memoryStats") == [] for d in w.domains)
+    [(_doms, stats, _flags)] = w.conn.calls_to("domainListGetStats")
+    assert stats == libvirt.VIR_DOMAIN_STATS_STATE
+    assert all(d.calls_to("memoryStats") == [] and d.calls_to("state") == [] for d in w.domains)
 
 
 def test_sample_many_refuses_zero_workers():

@@ -24,6 +24,7 @@ STATE_OF_STATUS = {
     "stale": State.CRITICAL,
     "no_balloon": State.UNKNOWN,
     "unreachable": State.UNKNOWN,
+    "unresponsive": State.CRITICAL,
 }
 
 FIRST_LINE = re.compile(r"^BALLOON (OK|WARNING|CRITICAL|UNKNOWN) - (.+?)(?: \| (.+))?$")

@@ -1,0 +1,723 @@
+"""The collector: every multi-domain reading, with deadlines, events and reconnects.
+
+One :class:`Collector` reads the balloon figures of many domains on one or
+more libvirt connections, once (:meth:`Collector.collect`) or in the
+background (:meth:`Collector.start`). It is the single path behind
+``stats``/``check``/``rearm`` with several domains, ``watch``,
+:meth:`BalloonStats.sample_many`, and the long-running front ends.
+
+What it guarantees, and how:
+
+* **Deadlines.** Each domain is read in a daemon worker thread
+  (:class:`~virt_balloon_stats.pool.WorkerPool`). A domain whose reading has
+  not returned ``timeout`` seconds after the cycle began is reported
+  ``unresponsive``; the others are reported on time. A long-running
+  collector never asks a domain again while a call to it is outstanding
+  (at most one per domain), and adds one spare thread per stuck call up to
+  a fixed limit, so threads never pile up; when QEMU moves again the call
+  returns and the domain is read as usual from the next cycle.
+* **No repeated work.** State and libvirt's figures for all domains come
+  from one bulk ``virDomainListGetStats`` call per host and cycle (``NOWAIT``,
+  so a busy QEMU costs only its own balloon part). Domain XML is parsed once
+  per incarnation (UUID, id); with ``events=True`` libvirt's events say when
+  to list domains again or re-parse a domain's XML, and QEMU's polling
+  interval is cached (see :class:`~virt_balloon_stats.client.DomainMemo`).
+  A steady cycle costs one ``qemuMonitorCommand`` per domain plus one bulk call.
+* **Reconnect.** A connection lost (libvirtd restarted or crashed) is seen
+  through libvirt's close callback and keepalive, or through the failure of
+  a call. Its domains are then reported ``unreachable`` ("lost the libvirt
+  connection; reconnecting") while the collector reconnects with backoff
+  (1 s doubling to 30 s) and registers its events again.
+* **Churn.** A domain started shows up in the next cycle, one destroyed
+  drops out without an error, and one destroyed between listing and reading
+  is left out of that cycle.
+
+Example::
+
+    from virt_balloon_stats.collector import Collector
+
+    with Collector(["qemu:///system"], timeout=5, events=True) as collector:
+        cycle = collector.collect()
+        for sample in cycle.samples:
+            print(sample.domain, sample.status.value, sample.get("stat-free-memory"))
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from virt_balloon_stats.client import DEFAULT_WORKERS, BalloonStats, DomainMemo, GuestRef
+from virt_balloon_stats.crosscheck import skipped
+from virt_balloon_stats.errors import (
+    BalloonStatsError,
+    ConnectionFailed,
+    DomainNotFound,
+    DomainNotRunning,
+    InvalidArgument,
+    QEMUUnresponsive,
+)
+from virt_balloon_stats.host import DomainRecord, Guest, HostEvent, default_uri, start_event_loop
+from virt_balloon_stats.polling import PollingState
+from virt_balloon_stats.pool import WorkerPool
+from virt_balloon_stats.sample import SOURCES, Sample
+from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS, Status
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "RECONNECT_FIRST",
+    "RECONNECT_MAX",
+    "LOST_CONNECTION",
+    "HostState",
+    "Problem",
+    "Cycle",
+    "Totals",
+    "Collector",
+]
+
+LOG = logging.getLogger(__name__)
+
+#: Seconds a one-shot reading waits for a domain before calling it unresponsive.
+DEFAULT_TIMEOUT = 10.0
+
+#: Reconnect backoff: first retry after this many seconds, doubling up to the max.
+RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0
+
+#: The reason given for every domain of a host whose connection was lost.
+LOST_CONNECTION = "lost the libvirt connection; reconnecting"
+
+#: Hard cap on worker threads above ``workers``: one per stuck call, at most.
+MAX_STUCK_THREADS = 32
+
+#: With events, the domain list is still re-read this often, in case an event was missed.
+RELIST_SECONDS = 300.0
+
+Opener = Callable[[str], BalloonStats]
+
+
+@dataclasses.dataclass(frozen=True)
+class HostState:
+    """One connection as of a cycle.
+
+    :ivar up: Whether the connection answered this cycle.
+    :ivar message: Why it is down (empty when up).
+    :ivar retry_in: Seconds until the next reconnect attempt, when down.
+    """
+
+    uri: str
+    up: bool
+    message: str = ""
+    retry_in: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A failure that belongs to no sample: a host that cannot be reached, a name that does not resolve.
+
+    :ivar what: What failed, as the CLI prefixes its error line (a URI or a domain name).
+    """
+
+    what: str
+    uri: str
+    error: BalloonStatsError
+
+
+@dataclasses.dataclass(frozen=True)
+class Cycle:
+    """One pass over every domain.
+
+    :ivar samples: One per domain read (or found unresponsive/unreachable),
+        in host order, then by name (or in the order the domains were named).
+    :ivar calls: libvirt round trips made during the cycle, by call name.
+    :ivar errors: Failures by kind: the exception class, ``unresponsive``.
+    """
+
+    number: int
+    started_at: float
+    duration: float
+    samples: Tuple[Sample, ...]
+    hosts: Mapping[str, HostState]
+    problems: Tuple[Problem, ...]
+    calls: Mapping[str, int]
+    errors: Mapping[str, int]
+
+    @property
+    def statuses(self) -> Dict[str, int]:
+        """Domains by status (every status listed, zeros included)."""
+        counts = collections.Counter(s.status.value for s in self.samples)
+        return {status.value: counts.get(status.value, 0) for status in Status}
+
+    @property
+    def outstanding(self) -> int:
+        """Domains with a call still pending at the end of the cycle."""
+        return sum(1 for s in self.samples if s.status is Status.UNRESPONSIVE)
+
+
+@dataclasses.dataclass
+class Totals:
+    """Counts over the collector's life: cycles, calls and errors."""
+
+    cycles: int = 0
+    calls: "collections.Counter[str]" = dataclasses.field(default_factory=collections.Counter)
+    errors: "collections.Counter[str]" = dataclasses.field(default_factory=collections.Counter)
+    seconds: float = 0.0
+
+
+class _Entry:
+    """One incarnation of one domain on one host: its Guest, memo, and pending call."""
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+        self.memo = DomainMemo()
+        self.pending: Optional["concurrent.futures.Future[Sample]"] = None
+        self.pending_since = 0.0
+        self.last: Optional[Sample] = None
+
+
+class _HostSession:
+    """One URI: its connection, event queue, domain entries and reconnect schedule."""
+
+    def __init__(self, uri: str, client: Optional[BalloonStats]) -> None:
+        self.uri = uri
+        self.client = client
+        self.owned = client is None  # a session we opened is ours to close
+        self.events: "queue.SimpleQueue[HostEvent]" = queue.SimpleQueue()
+        self.entries: Dict[str, _Entry] = {}
+        self.relist_due = 0.0
+        self.retry_at = 0.0
+        self.backoff = RECONNECT_FIRST
+        self.lost = ""
+        self.seen: Dict[str, int] = {}  # the RPC counter at the end of the last cycle
+        self.order: List[str] = []  # UUIDs in the order samples are reported
+
+
+class Collector:
+    """Reads many domains on one or more connections; see the module docstring.
+
+    :param uris: Connections to open (``-c`` URIs); default: as virsh would.
+    :param clients: Already open :class:`BalloonStats` instead of ``uris``
+        (their connections are not closed by :meth:`stop` unless asked).
+    :param domains: Names, UUIDs, ids or :class:`Guest` objects; ``None`` for
+        every running domain (then domains come and go with the host).
+    :param source: ``both``, ``qmp`` or ``libvirt`` (see :data:`SOURCES`).
+    :param timeout: Seconds each domain gets per cycle; default
+        :data:`DEFAULT_TIMEOUT`, or the interval when running in the background.
+    :param workers: Threads reading domains in parallel.
+    :param events: Use libvirt's events, close callback and keepalive
+        (long-running use); without them each cycle lists domains again.
+    :param readonly: Open read-only connections (only ``source='libvirt'`` works).
+    :raise InvalidArgument: For a bad source, timeout or workers.
+    """
+
+    def __init__(
+        self,
+        uris: Optional[Sequence[str]] = None,
+        *,
+        clients: Optional[Sequence[BalloonStats]] = None,
+        domains: Optional[Sequence[GuestRef]] = None,
+        source: str = "both",
+        timeout: Optional[float] = None,
+        workers: int = DEFAULT_WORKERS,
+        events: bool = False,
+        readonly: bool = False,
+        grace: float = DEFAULT_GRACE_SECONDS,
+        opener: Optional[Opener] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if source not in SOURCES:
+            raise InvalidArgument(f"unknown source {source!r}; use one of: {', '.join(SOURCES)}")
+        if workers < 1:
+            raise InvalidArgument(f"workers must be 1 or more, not {workers}")
+        if timeout is not None and not timeout > 0:
+            raise InvalidArgument(f"timeout must be more than 0 seconds, not {timeout}")
+        self.source = source
+        self.domains = None if domains is None else list(domains)
+        self.timeout = timeout
+        self.events = events
+        self.clock = clock
+        self.totals = Totals()
+        self._readonly = readonly
+        self._grace = grace
+        self._opener = opener
+        self._pool = WorkerPool(workers, workers + MAX_STUCK_THREADS, name="vbs-collector")
+        self._lock = threading.Lock()  # one cycle at a time
+        self._last: Optional[Cycle] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._on_state: Dict[Tuple[str, str], str] = {}
+        if events:
+            start_event_loop()
+        if clients is not None:
+            self._sessions = [_HostSession(c.host.uri, c) for c in clients]
+        else:
+            self._sessions = [_HostSession(u, None) for u in (uris or [default_uri()])]
+
+    # -- life cycle ----------------------------------------------------------
+
+    def __enter__(self) -> "Collector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def last(self) -> Optional[Cycle]:
+        """The last complete cycle, or ``None`` before the first."""
+        return self._last
+
+    @property
+    def threads(self) -> int:
+        """Worker threads alive now (stuck ones included)."""
+        return self._pool.threads
+
+    def start(self, interval: float, on_cycle: Optional[Callable[[Cycle], None]] = None) -> None:
+        """Collect every ``interval`` seconds in a background thread until :meth:`stop`.
+
+        Each domain's deadline is ``timeout`` if given, else the interval. A
+        cycle that overruns makes the next start at once, never two at a time.
+        ``on_cycle`` is called in that thread after each cycle.
+        """
+        if not interval > 0:
+            raise InvalidArgument(f"interval must be more than 0 seconds, not {interval}")
+        if self._thread is not None:
+            raise InvalidArgument("the collector is already running")
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self.run, args=(interval, on_cycle), name="vbs-collector-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, interval: float, on_cycle: Optional[Callable[[Cycle], None]] = None) -> None:
+        """Collect every ``interval`` seconds in this thread until :meth:`stop` (or Ctrl-C)."""
+        deadline = self.timeout or interval
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            cycle = self.collect(timeout=deadline)
+            if on_cycle is not None:
+                on_cycle(cycle)
+            next_at += interval
+            now = time.monotonic()
+            if next_at < now:
+                next_at = now  # overran: start the next cycle at once, skip the missed ticks
+            self._stop.wait(next_at - now)
+
+    def stop(self, *, close: Optional[bool] = None) -> None:
+        """Stop the background loop and close the connections this collector opened.
+
+        Does not wait for calls stuck on a hung QEMU: their daemon threads
+        are abandoned. ``close=False`` leaves every connection open.
+        """
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._pool.shutdown()
+        for session in self._sessions:
+            if session.client is not None and (close if close is not None else session.owned):
+                session.client.close()
+                session.client = None
+
+    # -- one cycle -------------------------------------------------------------
+
+    def collect(self, timeout: Optional[float] = None) -> Cycle:
+        """Read every domain once and return the cycle; never raises for a domain or host.
+
+        :param timeout: This cycle's deadline per domain (default: the
+            collector's ``timeout``, else :data:`DEFAULT_TIMEOUT`).
+        """
+        with self._lock:
+            return self._collect(timeout or self.timeout or DEFAULT_TIMEOUT)
+
+    def _collect(self, timeout: float) -> Cycle:
+        started_at, start = self.clock(), time.monotonic()
+        deadline = start + timeout
+        hosts: Dict[str, HostState] = {}
+        problems: List[Problem] = []
+        planned: List[Tuple[_HostSession, List[Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Sample]"]]]]] = []
+        rounds: List[_BulkRound] = []
+        stuck = sum(1 for s in self._sessions for e in s.entries.values() if _busy(e))
+        self._pool.reserve(stuck)
+        for session in self._sessions:
+            self._drain_events(session)
+            if not self._connect(session, problems):
+                hosts[session.uri] = self._down(session)
+                planned.append((session, [(e, self._unreachable(session, e)) for e in self._known(session)]))
+                continue
+            try:
+                bulk, work = self._plan(session, deadline, problems)
+            except ConnectionFailed as err:
+                self._lose(session, str(err))
+                hosts[session.uri] = self._down(session)
+                planned.append((session, [(e, self._unreachable(session, e)) for e in self._known(session)]))
+                continue
+            hosts[session.uri] = HostState(session.uri, True)
+            planned.append((session, work))
+            if bulk is not None:
+                rounds.append(bulk)
+        for bulk in rounds:
+            bulk.run(self._pool)
+        futures = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
+        concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        samples: List[Sample] = []
+        errors: "collections.Counter[str]" = collections.Counter()
+        for session, work in planned:
+            lost = False
+            for entry, item in work:
+                sample = self._settle(session, entry, item)
+                if sample is None:
+                    continue
+                if isinstance(sample.error, ConnectionFailed):
+                    lost = True
+                if sample.status is Status.UNRESPONSIVE:
+                    errors["unresponsive"] += 1
+                elif sample.error is not None:
+                    errors[type(sample.error).__name__] += 1
+                samples.append(sample)
+                self._log_change(session.uri, sample)
+            if lost and session.client is not None:
+                self._lose(session, "a call failed on a lost connection")
+                hosts[session.uri] = self._down(session)
+                samples = [self._lost(s) if s.uri == session.uri else s for s in samples]
+        for problem in problems:
+            errors[type(problem.error).__name__] += 1
+        calls = self._count_calls()
+        duration = time.monotonic() - start
+        with_number = self.totals.cycles + 1
+        self.totals.cycles = with_number
+        self.totals.calls.update(calls)
+        self.totals.errors.update(errors)
+        self.totals.seconds += duration
+        cycle = Cycle(
+            number=with_number,
+            started_at=started_at,
+            duration=duration,
+            samples=tuple(samples),
+            hosts=hosts,
+            problems=tuple(problems),
+            calls=calls,
+            errors=dict(errors),
+        )
+        self._last = cycle
+        return cycle
+
+    # -- connection ----------------------------------------------------------
+
+    def _open(self, uri: str) -> BalloonStats:
+        if self._opener is not None:
+            return self._opener(uri)
+        return BalloonStats.open(uri, readonly=self._readonly, grace=self._grace)
+
+    def _connect(self, session: _HostSession, problems: List[Problem]) -> bool:
+        """Make sure the session has a live connection; on failure, schedule a retry."""
+        if session.client is not None:
+            return True
+        now = time.monotonic()
+        if now < session.retry_at:
+            return False
+        try:
+            client = self._open(session.uri)
+        except BalloonStatsError as err:
+            session.retry_at = now + session.backoff
+            session.backoff = min(session.backoff * 2, RECONNECT_MAX)
+            if not session.lost:
+                problems.append(Problem(session.uri, session.uri, err))
+                session.lost = str(err)
+            return False
+        if self.events:
+            try:
+                client.host.watch(session.events.put)
+            except BalloonStatsError as err:
+                client.close()
+                problems.append(Problem(session.uri, session.uri, err))
+                session.retry_at = now + session.backoff
+                return False
+        if session.lost:
+            LOG.warning("%s: reconnected", session.uri)
+        session.client = client
+        session.owned = True
+        session.lost = ""
+        session.backoff = RECONNECT_FIRST
+        session.relist_due = 0.0
+        session.seen = {}
+        # Guests of the old connection are useless now; their memos go with them.
+        session.entries = {}
+        return True
+
+    def _lose(self, session: _HostSession, why: str) -> None:
+        if session.client is None:
+            return
+        LOG.warning("%s: %s (%s)", session.uri, LOST_CONNECTION, why)
+        self._count_calls()  # keep the old connection's last calls in the totals
+        if session.owned:
+            session.client.close()
+        session.client = None
+        session.lost = why
+        session.retry_at = time.monotonic()  # first attempt at once, then back off
+        session.backoff = RECONNECT_FIRST
+
+    def _down(self, session: _HostSession) -> HostState:
+        retry = max(0.0, session.retry_at - time.monotonic())
+        return HostState(session.uri, False, f"{LOST_CONNECTION}: {session.lost}", retry)
+
+    def _drain_events(self, session: _HostSession) -> None:
+        """Act on what libvirt told us since the last cycle (in this thread, not libvirt's)."""
+        while True:
+            try:
+                event = session.events.get_nowait()
+            except queue.Empty:
+                return
+            LOG.debug("%s: event %s %s %s", session.uri, event.kind, event.uuid, event.detail)
+            if event.kind == "closed":
+                self._lose(session, f"libvirt closed the connection: {event.detail}")
+            elif event.kind == "lifecycle":
+                session.relist_due = 0.0
+            elif event.kind == "device" and event.uuid in session.entries:
+                entry = session.entries[event.uuid]
+                entry.memo = DomainMemo()  # re-parse the XML; a pending call keeps its own memo
+                if session.client is not None:
+                    session.client.paths.forget(entry.guest)
+
+    # -- planning and settling ---------------------------------------------------
+
+    def _plan(
+        self, session: _HostSession, deadline: float, problems: List[Problem]
+    ) -> Tuple[Optional["_BulkRound"], List[Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Sample]"]]]]:
+        """List the domains if needed and submit each domain's reading."""
+        client = session.client
+        assert client is not None
+        now = time.monotonic()
+        if not self.events or now >= session.relist_due:
+            self._relist(session, problems)
+            session.relist_due = now + RELIST_SECONDS
+        entries = [session.entries[k] for k in self._order(session)]
+        ready = [e for e in entries if not _busy(e)]
+        bulk = _BulkRound(client, len(ready), self.source != "qmp", deadline) if ready else None
+        work: List[Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Sample]"]]] = []
+        for entry in entries:
+            if _busy(entry) or bulk is None:
+                work.append((entry, self._unresponsive(session, entry)))
+                continue
+            entry.pending = self._pool.submit(self._read, client, entry, bulk)
+            entry.pending_since = time.monotonic()
+            work.append((entry, entry.pending))
+        return bulk, work
+
+    def _relist(self, session: _HostSession, problems: List[Problem]) -> None:
+        """Bring the session's entries in line with the running (or named) domains."""
+        client = session.client
+        assert client is not None
+        if self.domains is None:
+            guests = client.guests()
+            client.paths.retain(guests)
+        else:
+            guests = []
+            for ref in self.domains:
+                try:
+                    guests.append(client.guest(ref))
+                except ConnectionFailed:
+                    raise
+                except BalloonStatsError as err:
+                    if not any(p.what == str(ref) for p in problems):
+                        problems.append(Problem(str(ref), session.uri, err))
+        fresh: Dict[str, _Entry] = {}
+        for guest in guests:
+            old = session.entries.get(guest.uuid)
+            fresh[guest.uuid] = old if old is not None and old.guest.cache_key == guest.cache_key else _Entry(guest)
+        session.entries = fresh
+        session.order = [g.uuid for g in guests]
+
+    def _order(self, session: _HostSession) -> List[str]:
+        return [k for k in session.order if k in session.entries]
+
+    def _read(self, client: BalloonStats, entry: _Entry, bulk: "_BulkRound") -> Sample:
+        """One domain's reading, in a worker thread."""
+        guest = entry.guest
+        try:
+            return client.sample(guest, self.source, memo=entry.memo, bulk=lambda: bulk.arrive(guest))
+        finally:
+            bulk.leave(guest)
+
+    def _settle(
+        self,
+        session: _HostSession,
+        entry: _Entry,
+        item: Union[Sample, "concurrent.futures.Future[Sample]"],
+    ) -> Optional[Sample]:
+        """Turn a planned item into the cycle's sample, or ``None`` to leave the domain out."""
+        if isinstance(item, Sample):
+            return item
+        if not item.done():
+            return self._unresponsive(session, entry)
+        entry.pending = None
+        try:
+            sample = item.result()
+        except BalloonStatsError as err:  # sample() turns these into samples; belt and braces
+            sample = dataclasses.replace(
+                self._placeholder(session.uri, entry.guest, None, Status.UNREACHABLE, str(err)), error=err
+            )
+        if self.domains is None and isinstance(sample.error, (DomainNotFound, DomainNotRunning)):
+            # Destroyed between listing and reading: gone, not failed.
+            session.entries.pop(entry.guest.uuid, None)
+            session.relist_due = 0.0
+            return None
+        entry.last = sample
+        return sample
+
+    def _unresponsive(self, session: _HostSession, entry: _Entry) -> Sample:
+        waited = time.monotonic() - entry.pending_since
+        message = (
+            f"QEMU did not answer within {waited:.0f} s; it may be hung or stopped"
+            + ("; not asked again until it answers" if self.events or entry.last else "")
+        )
+        return self._placeholder(session.uri, entry.guest, entry.last, Status.UNRESPONSIVE, message)
+
+    def _unreachable(self, session: _HostSession, entry: _Entry) -> Sample:
+        return self._placeholder(session.uri, entry.guest, entry.last, Status.UNREACHABLE, LOST_CONNECTION)
+
+    def _lost(self, sample: Sample) -> Sample:
+        """A sample read on a connection found lost in the same cycle, as unreachable."""
+        return dataclasses.replace(
+            self._placeholder(sample.uri, None, sample, Status.UNREACHABLE, LOST_CONNECTION),
+            domain=sample.domain,
+            uuid=sample.uuid,
+            id=sample.id,
+        )
+
+    def _placeholder(
+        self, uri: str, guest: Optional[Guest], last: Optional[Sample], status: Status, message: str
+    ) -> Sample:
+        """A sample without figures, for a domain that could not be read this cycle."""
+        name = guest.name if guest is not None else last.domain if last is not None else ""
+        error: BalloonStatsError
+        if status is Status.UNREACHABLE:
+            error = ConnectionFailed(message, domain=name)
+        else:
+            error = QEMUUnresponsive(message, domain=name)
+        return Sample(
+            uri=uri,
+            domain=name,
+            uuid=guest.uuid if guest is not None else last.uuid if last is not None else "",
+            id=guest.id if guest is not None else last.id if last is not None else None,
+            source=self.source,
+            state=last.state if last is not None else "unknown",
+            sampled_at=self.clock(),
+            status=status,
+            message=message,
+            polling=last.polling if last is not None else PollingState(None, None),
+            crosscheck=skipped("the figures could not be read"),
+            error=error,
+        )
+
+    def _known(self, session: _HostSession) -> List[_Entry]:
+        return [session.entries[k] for k in self._order(session)]
+
+    def _count_calls(self) -> Dict[str, int]:
+        """libvirt calls since the last count, summed over every connection."""
+        calls: "collections.Counter[str]" = collections.Counter()
+        for session in self._sessions:
+            if session.client is None:
+                continue
+            now = session.client.host.counter.snapshot()
+            for name, count in now.items():
+                delta = count - session.seen.get(name, 0)
+                if delta:
+                    calls[name] += delta
+            session.seen = now
+        return dict(calls)
+
+    def _log_change(self, uri: str, sample: Sample) -> None:
+        """One log line when a domain becomes unresponsive or comes back, not one per cycle."""
+        key = (uri, sample.uuid)
+        before = self._on_state.get(key)
+        now = sample.status.value
+        self._on_state[key] = now
+        if before == now or (before is None and sample.status is not Status.UNRESPONSIVE):
+            return
+        if sample.status is Status.UNRESPONSIVE:
+            LOG.warning("%s: %s", sample.domain, sample.message)
+        elif before == Status.UNRESPONSIVE.value:
+            LOG.warning("%s: QEMU answers again", sample.domain)
+
+
+class _BulkRound:
+    """One host's bulk call in one cycle, made once its domains have read QEMU.
+
+    Each domain's reading reads QEMU first, then arrives here for libvirt's
+    side. When every domain has arrived (or left, having failed), or when
+    the cycle is near its deadline, one ``virDomainListGetStats`` call with
+    ``NOWAIT`` fetches the state and balloon figures of those that arrived.
+    A domain whose QEMU hangs never arrives, so it is never in the call, and
+    the call cannot block on it: with a hung QEMU whose job is free, a bulk
+    call that included it would block until QEMU moved again.
+
+    A domain arriving after the call was made gets ``None`` and asks libvirt
+    itself.
+    """
+
+    #: Share of the deadline kept for the bulk call and what follows it.
+    RESERVE = 0.2
+
+    def __init__(self, client: BalloonStats, expected: int, balloon: bool, deadline: float) -> None:
+        self._client = client
+        self._expected = expected
+        self._balloon = balloon
+        self._deadline = deadline
+        self._cond = threading.Condition()
+        self._arrived: Dict[str, Guest] = {}
+        self._left = 0
+        self._records: Optional[Dict[str, DomainRecord]] = None
+        self._done = False
+
+    def arrive(self, guest: Guest) -> Optional[DomainRecord]:
+        """Called by a domain's reading: wait for the bulk call, return this domain's record."""
+        with self._cond:
+            if self._done:
+                return None
+            self._arrived[guest.uuid] = guest
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._done, timeout=max(0.0, self._deadline - time.monotonic()))
+            return (self._records or {}).get(guest.uuid)
+
+    def leave(self, guest: Guest) -> None:
+        """Called when a domain's reading ends, arrived or not (it may have failed first)."""
+        with self._cond:
+            if guest.uuid not in self._arrived:
+                self._left += 1
+                self._cond.notify_all()
+
+    def run(self, pool: WorkerPool) -> None:
+        """In the collector's thread: wait for the arrivals, make the call, release the readers."""
+        start = time.monotonic()
+        cutoff = self._deadline - self.RESERVE * max(0.0, self._deadline - start)
+        with self._cond:
+            self._cond.wait_for(
+                lambda: len(self._arrived) + self._left >= self._expected,
+                timeout=max(0.0, cutoff - time.monotonic()),
+            )
+            guests = list(self._arrived.values())
+        records: Optional[Dict[str, DomainRecord]] = None
+        if guests:
+            future = pool.submit(lambda: self._client.host.domain_records(guests, balloon=self._balloon))
+            try:
+                records = future.result(timeout=max(0.0, self._deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                LOG.warning("%s: the bulk stats call did not return in time", self._client.host.uri)
+            except BalloonStatsError as err:
+                # Each domain then asks on its own (and a lost connection shows there).
+                LOG.debug("%s: bulk stats failed: %s", self._client.host.uri, err)
+        with self._cond:
+            self._records = records
+            self._done = True
+            self._cond.notify_all()
+
+
+def _busy(entry: _Entry) -> bool:
+    return entry.pending is not None and not entry.pending.done()
+
+
