@@ -19,10 +19,11 @@ import re
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TextIO, Tuple
 
 from virt_balloon_stats import __version__
 from virt_balloon_stats.client import BalloonStats
+from virt_balloon_stats.collector import DEFAULT_TIMEOUT, Collector, Cycle
 from virt_balloon_stats.errors import BalloonStatsError, InvalidArgument
 from virt_balloon_stats.formats import render_json, render_prometheus, render_stats, render_table
 from virt_balloon_stats.host import Guest, default_uri, silence_libvirt_stderr
@@ -122,14 +123,45 @@ class Run:
 # -- subcommands ----------------------------------------------------------------
 
 
+def _collector(run: Run, *, events: bool = False, timeout: Optional[float] = None) -> Collector:
+    """The collector over the command's URIs and domains (every running one with ``--all``)."""
+    args = run.args
+    return Collector(
+        run.uris,
+        domains=None if getattr(args, "all", False) else args.domains,
+        source=getattr(args, "source", "both"),
+        timeout=timeout or args.timeout,
+        events=events,
+        readonly=args.readonly,
+        grace=getattr(args, "grace", DEFAULT_GRACE_SECONDS),
+    )
+
+
+def _report_cycle(run: Run, cycle: Cycle, reported: Optional[Set[Tuple[str, str, str]]] = None) -> None:
+    """One stderr line per failure of the cycle; ``reported`` keeps a long run from repeating them."""
+    for problem in cycle.problems:
+        key = (problem.what, problem.uri, str(problem.error))
+        if reported is None or key not in reported:
+            run.report(problem.what, problem.uri, problem.error)
+            if reported is not None:
+                reported.add(key)
+    for uri, state in cycle.hosts.items():
+        run.hosts[uri] = state.up
+    if reported is None:
+        for s in cycle.samples:
+            if s.error is not None:
+                run.report(s.domain, s.uri, s.error)
+
+
 def _sample_all(run: Run) -> List[Sample]:
-    samples: List[Sample] = []
-    for client in run.clients():
-        samples.extend(client.sample_many(run.guests(client), run.args.source))
-    for s in samples:
-        if s.error is not None:
-            run.report(s.domain, s.uri, s.error)
-    return samples
+    """One collector cycle: every domain within ``--timeout``, the failures reported."""
+    collector = _collector(run)
+    try:
+        cycle = collector.collect()
+    finally:
+        collector.stop()
+    _report_cycle(run, cycle)
+    return list(cycle.samples)
 
 
 def cmd_stats(run: Run) -> int:
@@ -304,49 +336,48 @@ def cmd_check(run: Run) -> int:
 
 
 def cmd_watch(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
-    """Redraw a live view every ``--interval`` seconds until Ctrl-C."""
+    """Redraw a live view every ``--interval`` seconds until Ctrl-C.
+
+    A long-running collector: libvirt's events keep its caches, a hung QEMU
+    costs only its own row, and a lost connection is retried while its rows
+    say so.
+    """
     args = run.args
     tty = run.out.isatty()
     tracker = Tracker()
-    clients = []
+    collector = _collector(run, events=True, timeout=args.timeout or args.interval)
+    reported: Set[Tuple[str, str, str]] = set()
     try:
-        for uri in run.uris:
-            try:
-                clients.append(BalloonStats.open(uri, readonly=args.readonly, grace=args.grace))
-            except BalloonStatsError as err:
-                run.report(uri, uri, err)
-        if not clients:
-            return EXIT_FAILED
-        # Named domains are looked up once: a name that does not resolve is
-        # reported once, and a watch with none left has nothing to show.
-        named = None if args.all else {id(c): run.guests(c) for c in clients}
-        if named is not None and not any(named.values()):
-            return EXIT_FAILED
+        cycle = collector.collect()
+        _report_cycle(run, cycle, reported)
+        if not cycle.samples and (
+            not any(h.up for h in cycle.hosts.values()) or (not args.all and cycle.problems)
+        ):
+            return EXIT_FAILED  # nothing to show: no host answers, or no named domain resolved
         if tty:
             run.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide cursor
         frames = 0
         while True:
-            samples: List[Sample] = []
-            for client in clients:
-                guests = run.guests(client) if named is None else named[id(client)]
-                samples.extend(client.sample_many(guests, args.source))
-            for s in samples:
+            for s in cycle.samples:
                 tracker.update(s)
-            frame = render_frame(samples, tracker, time.time(), show_uri=run.several_hosts)
+            frame = render_frame(
+                cycle.samples, tracker, time.time(), show_uri=run.several_hosts, hosts=cycle.hosts.values()
+            )
             run.out.write(("\x1b[H\x1b[J" + frame + "\n") if tty else frame + "\n\n")
             run.out.flush()
             frames += 1
             if args.count and frames >= args.count:
                 break
-            sleep(args.interval)
+            sleep(max(0.0, args.interval - cycle.duration))
+            cycle = collector.collect()
+            _report_cycle(run, cycle, reported)
     except KeyboardInterrupt:
         pass
     finally:
         if tty:
             run.out.write("\x1b[?25h\x1b[?1049l")  # cursor back, leave the alternate screen
             run.out.flush()
-        for client in clients:
-            client.close()
+        collector.stop()
     return EXIT_FAILED if run.failed else EXIT_OK
 
 
@@ -355,7 +386,7 @@ def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
     args = run.args
     results: List[Dict[str, Any]] = []
     for client in run.clients():
-        before = client.sample_many(run.guests(client), "qmp")
+        before = client.sample_many(run.guests(client), "qmp", timeout=args.timeout)
         rearmed: List[Tuple[Sample, PollingState]] = []
         for s in before:
             entry: Dict[str, Any] = {
@@ -468,6 +499,17 @@ def _grace(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _timeout(parser: argparse.ArgumentParser, default: Optional[float] = DEFAULT_TIMEOUT) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=default,
+        metavar="S",
+        help="seconds to wait for each domain's QEMU before calling it unresponsive "
+        + (f"(default: {default:g})" if default else "(default: the --interval)"),
+    )
+
+
 def _setting(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--via",
@@ -550,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     _domains(p)
     _source(p)
     _grace(p)
+    _timeout(p)
     p.add_argument(
         "--bytes", action="store_true", help="raw numbers (bytes, and libvirt's KiB) instead of MiB/GiB"
     )
@@ -609,13 +652,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_check,
         "Nagios/Icinga check (exit 0-3)",
         "Monitoring-plugin check: one status line with performance data; exit 0 OK, "
-        "1 WARNING, 2 CRITICAL, 3 UNKNOWN. stale and --max-age: CRITICAL; never_updated, "
-        "polling_disabled, cross-check mismatch: WARNING; no_balloon, unreachable: "
-        "UNKNOWN; ok, paused: OK.",
+        "1 WARNING, 2 CRITICAL, 3 UNKNOWN. stale, unresponsive and --max-age: CRITICAL; "
+        "never_updated, polling_disabled, cross-check mismatch: WARNING; no_balloon, "
+        "unreachable: UNKNOWN; ok, paused: OK. It ends within --timeout whatever one QEMU does.",
     )
     _domains(p)
     _source(p)
     _grace(p)
+    _timeout(p)
     p.add_argument(
         "--max-age", type=_positive, metavar="S", help="CRITICAL when figures are older than S seconds"
     )
@@ -631,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     _domains(p)
     _source(p)
     _grace(p)
+    _timeout(p, None)
     p.add_argument(
         "--interval", type=_positive, default=2.0, metavar="S", help="seconds between refreshes (default: 2)"
     )
@@ -648,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _domains(p)
     _grace(p)
+    _timeout(p)
     p.add_argument("--via", choices=ROUTES, default="libvirt", help="route for the re-set (default: libvirt)")
     p.add_argument("--force", action="store_true", help="re-arm every named domain, stale or not")
     p.add_argument(

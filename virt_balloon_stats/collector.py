@@ -180,6 +180,10 @@ class _Entry:
         self.last: Optional[Sample] = None
 
 
+#: A domain's place in a cycle: its reading in flight, or a sample made without one.
+_Work = Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Sample]"]]
+
+
 class _HostSession:
     """One URI: its connection, event queue, domain entries and reconnect schedule."""
 
@@ -212,6 +216,9 @@ class Collector:
     :param events: Use libvirt's events, close callback and keepalive
         (long-running use); without them each cycle lists domains again.
     :param readonly: Open read-only connections (only ``source='libvirt'`` works).
+    :param log_changes: Log a warning when a domain becomes unresponsive or
+        answers again (a long-running service's log); a one-shot command
+        reports on stderr itself.
     :raise InvalidArgument: For a bad source, timeout or workers.
     """
 
@@ -227,6 +234,7 @@ class Collector:
         events: bool = False,
         readonly: bool = False,
         grace: float = DEFAULT_GRACE_SECONDS,
+        log_changes: bool = False,
         opener: Optional[Opener] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -241,6 +249,8 @@ class Collector:
         self.timeout = timeout
         self.events = events
         self.clock = clock
+        self.log_changes = log_changes
+        self._warn = LOG.warning if log_changes else LOG.debug
         self.totals = Totals()
         self._readonly = readonly
         self._grace = grace
@@ -339,7 +349,7 @@ class Collector:
         deadline = start + timeout
         hosts: Dict[str, HostState] = {}
         problems: List[Problem] = []
-        planned: List[Tuple[_HostSession, List[Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Sample]"]]]]] = []
+        planned: List[Tuple[_HostSession, List[_Work]]] = []
         rounds: List[_BulkRound] = []
         stuck = sum(1 for s in self._sessions for e in s.entries.values() if _busy(e))
         self._pool.reserve(stuck)
@@ -438,7 +448,7 @@ class Collector:
                 session.retry_at = now + session.backoff
                 return False
         if session.lost:
-            LOG.warning("%s: reconnected", session.uri)
+            self._warn("%s: reconnected", session.uri)
         session.client = client
         session.owned = True
         session.lost = ""
@@ -452,7 +462,7 @@ class Collector:
     def _lose(self, session: _HostSession, why: str) -> None:
         if session.client is None:
             return
-        LOG.warning("%s: %s (%s)", session.uri, LOST_CONNECTION, why)
+        self._warn("%s: %s (%s)", session.uri, LOST_CONNECTION, why)
         self._count_calls()  # keep the old connection's last calls in the totals
         if session.owned:
             session.client.close()
@@ -487,7 +497,7 @@ class Collector:
 
     def _plan(
         self, session: _HostSession, deadline: float, problems: List[Problem]
-    ) -> Tuple[Optional["_BulkRound"], List[Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Sample]"]]]]:
+    ) -> Tuple[Optional["_BulkRound"], List[_Work]]:
         """List the domains if needed and submit each domain's reading."""
         client = session.client
         assert client is not None
@@ -498,7 +508,7 @@ class Collector:
         entries = [session.entries[k] for k in self._order(session)]
         ready = [e for e in entries if not _busy(e)]
         bulk = _BulkRound(client, len(ready), self.source != "qmp", deadline) if ready else None
-        work: List[Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Sample]"]]] = []
+        work: List[_Work] = []
         for entry in entries:
             if _busy(entry) or bulk is None:
                 work.append((entry, self._unresponsive(session, entry)))
@@ -528,7 +538,8 @@ class Collector:
         fresh: Dict[str, _Entry] = {}
         for guest in guests:
             old = session.entries.get(guest.uuid)
-            fresh[guest.uuid] = old if old is not None and old.guest.cache_key == guest.cache_key else _Entry(guest)
+            same = old is not None and old.guest.cache_key == guest.cache_key
+            fresh[guest.uuid] = old if old is not None and same else _Entry(guest)
         session.entries = fresh
         session.order = [g.uuid for g in guests]
 
@@ -640,9 +651,9 @@ class Collector:
         if before == now or (before is None and sample.status is not Status.UNRESPONSIVE):
             return
         if sample.status is Status.UNRESPONSIVE:
-            LOG.warning("%s: %s", sample.domain, sample.message)
+            self._warn("%s: %s", sample.domain, sample.message)
         elif before == Status.UNRESPONSIVE.value:
-            LOG.warning("%s: QEMU answers again", sample.domain)
+            self._warn("%s: QEMU answers again", sample.domain)
 
 
 class _BulkRound:
@@ -707,7 +718,7 @@ class _BulkRound:
             try:
                 records = future.result(timeout=max(0.0, self._deadline - time.monotonic()))
             except concurrent.futures.TimeoutError:
-                LOG.warning("%s: the bulk stats call did not return in time", self._client.host.uri)
+                LOG.info("%s: the bulk stats call did not return in time", self._client.host.uri)
             except BalloonStatsError as err:
                 # Each domain then asks on its own (and a lost connection shows there).
                 LOG.debug("%s: bulk stats failed: %s", self._client.host.uri, err)
@@ -719,5 +730,3 @@ class _BulkRound:
 
 def _busy(entry: _Entry) -> bool:
     return entry.pending is not None and not entry.pending.done()
-
-

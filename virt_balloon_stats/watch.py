@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import collections
 import datetime
-from typing import Deque, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Deque, Dict, Iterable, Optional, Sequence, Tuple
 
 from virt_balloon_stats.formats import format_age, human_bytes, render_table
 from virt_balloon_stats.sample import Sample
+
+if TYPE_CHECKING:
+    from virt_balloon_stats.collector import HostState
 
 __all__ = ["TREND_LENGTH", "sparkline", "Tracker", "render_frame"]
 
@@ -72,7 +75,13 @@ class Tracker:
             trends.setdefault(name, collections.deque(maxlen=self._length)).append(sample.get(name))
 
     def rate(self, sample: Sample, name: str) -> Optional[float]:
-        """Per-second rate of a cumulative figure, once two answers were seen."""
+        """Per-second rate of a cumulative figure, once two answers were seen.
+
+        ``None`` for a sample without figures (unreachable, unresponsive):
+        a rate there would be a guess.
+        """
+        if sample.stats is None:
+            return None
         return self._rates.get(sample.uuid, {}).get(name)
 
     def trend(self, sample: Sample, name: str) -> str:
@@ -86,8 +95,15 @@ def _rate(value: Optional[float], is_bytes: bool) -> str:
     return human_bytes(int(value)) if is_bytes else f"{value:.1f}"
 
 
-def render_frame(samples: Sequence[Sample], tracker: Tracker, now: float, *, show_uri: bool = False) -> str:
-    """One screenful: a header line and a row per domain."""
+def render_frame(
+    samples: Sequence[Sample],
+    tracker: Tracker,
+    now: float,
+    *,
+    show_uri: bool = False,
+    hosts: Iterable[HostState] = (),
+) -> str:
+    """One screenful: a header line, a line per connection that is down, and a row per domain."""
     stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     header: Tuple[str, ...] = (
         ("DOMAIN", "STATUS", "AGE", "TOTAL", "FREE", "AVAIL")
@@ -109,4 +125,11 @@ def render_frame(samples: Sequence[Sample], tracker: Tracker, now: float, *, sho
             + tuple(_rate(tracker.rate(s, n), n.startswith("stat-swap")) for n, _ in _RATES)
             + (tracker.trend(s, "stat-free-memory"), tracker.trend(s, "stat-available-memory"))
         )
-    return f"virt-balloon-stats watch - {stamp} - Ctrl-C to quit\n\n" + render_table(header, rows)
+    down = "".join(
+        f"{h.uri}: {h.message}"
+        + (f" (next try in {h.retry_in:.0f} s)" if h.retry_in is not None else "")
+        + "\n"
+        for h in hosts
+        if not h.up
+    )
+    return f"virt-balloon-stats watch - {stamp} - Ctrl-C to quit\n{down}\n" + render_table(header, rows)
