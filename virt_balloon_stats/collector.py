@@ -199,6 +199,9 @@ class _HostSession:
         self.lost = ""
         self.seen: Dict[str, int] = {}  # the RPC counter at the end of the last cycle
         self.order: List[str] = []  # UUIDs in the order samples are reported
+        # The bulk call runs apart from the domain readers, which wait for it.
+        self.bulk_pool = WorkerPool(1, 1, name="vbs-bulk")
+        self.bulk_pending: Optional["concurrent.futures.Future[Dict[str, DomainRecord]]"] = None
 
 
 class Collector:
@@ -329,6 +332,7 @@ class Collector:
             thread.join()
         self._pool.shutdown()
         for session in self._sessions:
+            session.bulk_pool.shutdown()
             if session.client is not None and (close if close is not None else session.owned):
                 session.client.close()
                 session.client = None
@@ -350,7 +354,7 @@ class Collector:
         hosts: Dict[str, HostState] = {}
         problems: List[Problem] = []
         planned: List[Tuple[_HostSession, List[_Work]]] = []
-        rounds: List[_BulkRound] = []
+        rounds: List[Tuple[_HostSession, _BulkRound]] = []
         stuck = sum(1 for s in self._sessions for e in s.entries.values() if _busy(e))
         self._pool.reserve(stuck)
         for session in self._sessions:
@@ -369,9 +373,9 @@ class Collector:
             hosts[session.uri] = HostState(session.uri, True)
             planned.append((session, work))
             if bulk is not None:
-                rounds.append(bulk)
-        for bulk in rounds:
-            bulk.run(self._pool)
+                rounds.append((session, bulk))
+        for session, bulk in rounds:
+            bulk.run(session)
         futures = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
         concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
         samples: List[Sample] = []
@@ -702,8 +706,14 @@ class _BulkRound:
                 self._left += 1
                 self._cond.notify_all()
 
-    def run(self, pool: WorkerPool) -> None:
-        """In the collector's thread: wait for the arrivals, make the call, release the readers."""
+    def run(self, session: _HostSession) -> None:
+        """In the collector's thread: wait for the arrivals, make the call, release the readers.
+
+        The call runs in the session's own one-thread pool: the domain
+        readers are blocked in :meth:`arrive`, so it must not queue behind
+        them. If the previous cycle's call is still pending (libvirtd
+        itself is stuck), none is made and each domain asks on its own.
+        """
         start = time.monotonic()
         cutoff = self._deadline - self.RESERVE * max(0.0, self._deadline - start)
         with self._cond:
@@ -713,8 +723,12 @@ class _BulkRound:
             )
             guests = list(self._arrived.values())
         records: Optional[Dict[str, DomainRecord]] = None
-        if guests:
-            future = pool.submit(lambda: self._client.host.domain_records(guests, balloon=self._balloon))
+        pending = session.bulk_pending
+        if guests and (pending is None or pending.done()):
+            future = session.bulk_pool.submit(
+                lambda: self._client.host.domain_records(guests, balloon=self._balloon)
+            )
+            session.bulk_pending = future
             try:
                 records = future.result(timeout=max(0.0, self._deadline - time.monotonic()))
             except concurrent.futures.TimeoutError:
