@@ -306,19 +306,32 @@ class Collector:
         )
         self._thread.start()
 
-    def run(self, interval: float, on_cycle: Optional[Callable[[Cycle], None]] = None) -> None:
-        """Collect every ``interval`` seconds in this thread until :meth:`stop` (or Ctrl-C)."""
+    def run(
+        self, interval: float, on_cycle: Optional[Callable[[Cycle], None]] = None, *, count: int = 0
+    ) -> None:
+        """Collect every ``interval`` seconds in this thread until :meth:`request_stop`.
+
+        :param count: Stop after this many cycles (0: until asked to stop).
+        """
         deadline = self.timeout or interval
         next_at = time.monotonic()
+        done = 0
         while not self._stop.is_set():
             cycle = self.collect(timeout=deadline)
+            done += 1
             if on_cycle is not None:
                 on_cycle(cycle)
+            if count and done >= count:
+                return
             next_at += interval
             now = time.monotonic()
             if next_at < now:
                 next_at = now  # overran: start the next cycle at once, skip the missed ticks
             self._stop.wait(next_at - now)
+
+    def request_stop(self) -> None:
+        """Make :meth:`run` return after the cycle in progress; safe in a signal handler."""
+        self._stop.set()
 
     def stop(self, *, close: Optional[bool] = None) -> None:
         """Stop the background loop and close the connections this collector opened.

@@ -25,6 +25,7 @@ from tests.integration.conftest import URI, Domains
 from tests.integration.test_cli import qmp, qom_path_by_alias, vbs, virsh
 from virt_balloon_stats.collector import Collector, Cycle
 from virt_balloon_stats.errors import QEMUUnresponsive
+from virt_balloon_stats.sample import Sample
 from virt_balloon_stats.stats import Status
 
 #: Deadline given to one-shot commands in these tests, and the slack allowed
@@ -185,7 +186,10 @@ def test_steady_cycles_make_one_qmp_call_per_domain_and_no_xml_or_state(four_gue
 def test_domains_come_and_go_under_a_running_collector(conn, domains):
     """Started: in the next cycle; destroyed: gone without an error; restarted: resolved again."""
     first, second = create_many(domains, 2, "noos", "churn", wait=False)
-    mine = lambda cycle: {s.domain: s for s in cycle.samples if s.domain.startswith("vbs-tb-churn")}  # noqa: E731
+
+    def mine(cycle: Cycle) -> Dict[str, Sample]:
+        return {s.domain: s for s in cycle.samples if s.domain.startswith("vbs-tb-churn")}
+
     with Collector([URI], events=True, timeout=5) as collector:
         cycle = collector.collect()
         assert set(mine(cycle)) == {first, second}
