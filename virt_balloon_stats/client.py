@@ -16,6 +16,7 @@ Example, a sysadmin's script::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -24,6 +25,7 @@ from virt_balloon_stats.crosscheck import CrossCheck, Result, crosscheck, skippe
 from virt_balloon_stats.domxml import BalloonDevice, parse_balloon
 from virt_balloon_stats.errors import (
     BalloonStatsError,
+    ConnectionFailed,
     DomainNotFound,
     InvalidArgument,
     NoBalloonDevice,
@@ -48,7 +50,7 @@ from virt_balloon_stats.stats import (
 )
 from virt_balloon_stats.transport import QMPClient
 
-__all__ = ["BalloonStats", "DomainMemo", "GuestRef", "DEFAULT_REFRESH_SECONDS"]
+__all__ = ["BalloonStats", "DomainMemo", "Reading", "GuestRef", "DEFAULT_REFRESH_SECONDS"]
 
 #: A domain given as a looked-up :class:`Guest` or as virsh names it.
 GuestRef = Union[Guest, str]
@@ -281,7 +283,6 @@ class BalloonStats:
         prefetched: Optional[Mapping[str, int]] = None,
         state: Optional[str] = None,
         memo: Optional[DomainMemo] = None,
-        bulk: Optional[Callable[[], Optional[DomainRecord]]] = None,
     ) -> Sample:
         """Read one domain's figures; failures become an ``unreachable`` sample.
 
@@ -292,26 +293,71 @@ class BalloonStats:
         :param memo: What an earlier reading of this incarnation of the
             domain learnt (parsed XML, polling interval); a long-running
             reader keeps one per domain so a steady reading is one QMP call.
-        :param bulk: Called once QEMU has been read, for this domain's entry
-            of a bulk call that the collector makes for every domain that got
-            that far (its state and libvirt's figures); ``None`` when it has
-            none, and then this domain asks libvirt itself.
         :raise InvalidArgument: For an unknown source.
         :raise DomainNotFound: When a name does not match (a Guest never fails here).
+        """
+        reading = self.begin_sample(ref, source, memo=memo, state=state, prefetched=prefetched)
+        return self.finish_sample(reading)
+
+    def begin_sample(
+        self,
+        ref: GuestRef,
+        source: str = "both",
+        *,
+        memo: Optional[DomainMemo] = None,
+        state: Optional[str] = None,
+        prefetched: Optional[Mapping[str, int]] = None,
+    ) -> Reading:
+        """The first half of :meth:`sample`: everything asked of QEMU, nothing of libvirt's figures.
+
+        A collector reads QEMU for every domain first, then libvirt's side of
+        all those that answered in one bulk call, then finishes each with
+        :meth:`finish_sample`. A domain whose QEMU hangs never gets past this
+        half, so it is never part of the bulk call (which it would block).
+        Never raises for a domain's failure: it is kept for :meth:`finish_sample`.
+
+        :raise InvalidArgument: For an unknown source.
+        :raise DomainNotFound: When a name does not match.
         """
         if source not in SOURCES:
             raise InvalidArgument(f"unknown source {source!r}; use one of: {', '.join(SOURCES)}")
         guest = self.guest(ref)
-        memo = memo if memo is not None else DomainMemo()
-        base = _Identity(self.host.uri, guest, source)
-        side = _LibvirtSide(guest, state, prefetched, bulk)
+        reading = Reading(guest, source, memo if memo is not None else DomainMemo())
+        reading.state, reading.libvirt_stats = state, prefetched
+        memo = reading.memo
         try:
-            if bulk is None:
-                side.state()  # cheap (no job on QEMU), and says "shutoff" if the reading fails
             if memo.device is None:
                 memo.device = self.balloon_device(guest)
-            return self._sample(guest, memo, side, source, base)
+            if memo.device.present and source != "libvirt":
+                # QEMU first; libvirt's side comes in finish_sample.
+                reading.refreshed = memo.interval is None or self.monotonic() >= memo.refresh_due
+                if reading.refreshed:
+                    self._read_interval(guest, memo)
+                reading.path, value = self._qom_get(guest, memo.device, "guest-stats")
+                reading.stats = parse_guest_stats(value)
         except BalloonStatsError as err:
+            reading.error = err
+        return reading
+
+    def finish_sample(self, reading: Reading, record: Optional[DomainRecord] = None) -> Sample:
+        """The second half of :meth:`sample`: libvirt's side, the cross-check, the status.
+
+        :param record: This domain's entry of a bulk call made after
+            :meth:`begin_sample` (its state and libvirt's figures); without
+            it, the state and figures are asked of libvirt for this domain.
+        """
+        guest, memo = reading.guest, reading.memo
+        base = _Identity(self.host.uri, guest, reading.source)
+        side = _LibvirtSide(guest, reading.state, reading.libvirt_stats, record)
+        try:
+            if reading.error is not None:
+                raise reading.error
+            return self._finish(reading, side, base)
+        except BalloonStatsError as err:
+            if side.known_state == "unknown" and not isinstance(err, ConnectionFailed):
+                # Cheap (no job on QEMU), and says "shutoff" when that is why it failed.
+                with contextlib.suppress(BalloonStatsError):
+                    side.state()
             return base.sample(
                 state=side.known_state,
                 sampled_at=self.clock(),
@@ -322,14 +368,13 @@ class BalloonStats:
                 error=err,
             )
 
-    def _sample(
-        self, guest: Guest, memo: DomainMemo, side: "_LibvirtSide", source: str, base: "_Identity"
-    ) -> Sample:
+    def _finish(self, reading: Reading, side: "_LibvirtSide", base: "_Identity") -> Sample:
+        guest, memo, source = reading.guest, reading.memo, reading.source
         device = memo.device
         assert device is not None
         use_libvirt = source in ("libvirt", "both")
-        if not device.present or source == "libvirt":
-            libvirt_stats = side.stats() if use_libvirt else None
+        if reading.stats is None:  # no balloon, or the libvirt source: libvirt's side only
+            figures = side.stats() if use_libvirt else None
             state = side.state()
             now = self.clock()
             if not device.present:
@@ -342,11 +387,11 @@ class BalloonStats:
                     status=status,
                     message=message,
                     polling=PollingState(None, device.stats_period),
-                    libvirt=libvirt_stats,
+                    libvirt=figures,
                     crosscheck=skipped("no balloon device"),
                 )
-            assert libvirt_stats is not None
-            stats, libvirt_actual = stats_from_libvirt(libvirt_stats)
+            assert figures is not None
+            stats, libvirt_actual = stats_from_libvirt(figures)
             status, message = self._classify(state, device.stats_period, stats, now)
             return base.sample(
                 state=state,
@@ -357,33 +402,29 @@ class BalloonStats:
                 crosscheck=skipped("source is libvirt; the cross-check needs both"),
                 stats=stats,
                 actual_bytes=libvirt_actual,
-                libvirt=libvirt_stats,
+                libvirt=figures,
             )
-        # QEMU first: a domain whose QEMU hangs never reaches libvirt's side,
-        # so the collector's bulk call only ever includes domains that answer.
-        refreshed = memo.interval is None or self.monotonic() >= memo.refresh_due
-        if refreshed:
-            self._read_interval(guest, memo)
-        path, value = self._qom_get(guest, device, "guest-stats")
-        stats = parse_guest_stats(value)
-        libvirt_stats = side.stats() if use_libvirt else None
+        path, stats = reading.path, reading.stats
+        assert path is not None
+        maybe_stats = side.stats() if use_libvirt else None
         state = side.state()
         # libvirt's own balloon size (kept exact from QEMU's BALLOON_CHANGE
         # events) stands in for query-balloon between refreshes.
-        current = libvirt_stats.get(ACTUAL.libvirt or "") if libvirt_stats else None
-        if refreshed or current is None:
+        current = maybe_stats.get(ACTUAL.libvirt or "") if maybe_stats else None
+        if reading.refreshed or current is None:
             actual: int = self.qmp.query_balloon(guest)
             checked_actual: Optional[int] = actual
         else:
             actual, checked_actual = ACTUAL.from_libvirt(current), None
         check = skipped("source is qmp; the cross-check needs both")
+        libvirt_stats: Optional[Mapping[str, int]] = None
         if use_libvirt:
             path, stats, libvirt_stats, check = self._crosscheck(
-                guest, device, path, stats, checked_actual, libvirt_stats
+                guest, device, path, stats, checked_actual, maybe_stats
             )
         now = self.clock()
         status, message = self._classify(state, memo.interval, stats, now)
-        if not refreshed and (
+        if not reading.refreshed and (
             status is not memo.status or _shortened(memo.last_update, stats.last_update, memo.interval)
         ):
             # The figures say something changed: confirm against QEMU's live
@@ -498,10 +539,28 @@ def _interval(value: object, guest: Guest) -> int:
     return value
 
 
+@dataclasses.dataclass
+class Reading:
+    """A sample half made: what :meth:`BalloonStats.begin_sample` learnt from QEMU.
+
+    Opaque to callers; hand it to :meth:`BalloonStats.finish_sample`.
+    """
+
+    guest: Guest
+    source: str
+    memo: DomainMemo
+    state: Optional[str] = None
+    libvirt_stats: Optional[Mapping[str, int]] = None
+    refreshed: bool = False
+    path: Optional[QOMPath] = None
+    stats: Optional[GuestStats] = None
+    error: Optional[BalloonStatsError] = None
+
+
 class _LibvirtSide:
     """libvirt's view of one domain for one reading, fetched once and only when needed.
 
-    From the first of: what the caller passed, the collector's bulk call,
+    From the first of: what the caller passed, the collector's bulk record,
     or a call of this domain's own (``state()``, ``memoryStats()``).
     """
 
@@ -510,29 +569,22 @@ class _LibvirtSide:
         guest: Guest,
         state: Optional[str],
         prefetched: Optional[Mapping[str, int]],
-        bulk: Optional[Callable[[], Optional[DomainRecord]]],
+        record: Optional[DomainRecord],
     ) -> None:
         self._guest = guest
         self._state = state
         self._stats = prefetched
-        self._bulk = bulk
-        self._record: Optional[DomainRecord] = None
+        self._record = record
 
     @property
     def known_state(self) -> str:
         """The state if it was learnt, without asking for it."""
         return self._state or "unknown"
 
-    def _from_bulk(self) -> Optional[DomainRecord]:
-        if self._bulk is not None:
-            bulk, self._bulk = self._bulk, None
-            self._record = bulk()
-        return self._record
-
     def state(self) -> str:
         """libvirt's state word."""
         if self._state is None:
-            record = self._from_bulk()
+            record = self._record
             if record is not None and record.state != "unknown":
                 self._state = record.state
             else:
@@ -542,7 +594,7 @@ class _LibvirtSide:
     def stats(self) -> Mapping[str, int]:
         """``memoryStats()``-shaped figures."""
         if self._stats is None:
-            record = self._from_bulk()
+            record = self._record
             converted = memory_stats_from_domstats(record.balloon) if record is not None else {}
             # NOWAIT leaves a busy QEMU's domain without its guest figures:
             # then this domain asks on its own.

@@ -53,7 +53,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from virt_balloon_stats.client import DEFAULT_WORKERS, BalloonStats, DomainMemo, GuestRef
+from virt_balloon_stats.client import DEFAULT_WORKERS, BalloonStats, DomainMemo, GuestRef, Reading
 from virt_balloon_stats.crosscheck import skipped
 from virt_balloon_stats.errors import (
     BalloonStatsError,
@@ -175,13 +175,13 @@ class _Entry:
     def __init__(self, guest: Guest) -> None:
         self.guest = guest
         self.memo = DomainMemo()
-        self.pending: Optional["concurrent.futures.Future[Sample]"] = None
+        self.pending: Optional["concurrent.futures.Future[Union[Reading, Sample]]"] = None
         self.pending_since = 0.0
         self.last: Optional[Sample] = None
 
 
 #: A domain's place in a cycle: its reading in flight, or a sample made without one.
-_Work = Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Sample]"]]
+_Work = Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Union[Reading, Sample]]"]]
 
 
 class _HostSession:
@@ -367,7 +367,7 @@ class Collector:
         hosts: Dict[str, HostState] = {}
         problems: List[Problem] = []
         planned: List[Tuple[_HostSession, List[_Work]]] = []
-        rounds: List[Tuple[_HostSession, _BulkRound]] = []
+        rounds: List[Tuple[_HostSession, _BulkRound, List[_Work]]] = []
         stuck = sum(1 for s in self._sessions for e in s.entries.values() if _busy(e))
         self._pool.reserve(stuck)
         for session in self._sessions:
@@ -377,7 +377,7 @@ class Collector:
                 planned.append((session, [(e, self._unreachable(session, e)) for e in self._known(session)]))
                 continue
             try:
-                bulk, work = self._plan(session, deadline, problems)
+                bulk, work = self._plan(session, problems)
             except ConnectionFailed as err:
                 self._lose(session, str(err))
                 hosts[session.uri] = self._down(session)
@@ -386,9 +386,13 @@ class Collector:
             hosts[session.uri] = HostState(session.uri, True)
             planned.append((session, work))
             if bulk is not None:
-                rounds.append((session, bulk))
-        for session, bulk in rounds:
-            bulk.run(session)
+                rounds.append((session, bulk, work))
+        # Everyone reads QEMU first; the bulk call then covers those that answered.
+        cutoff = deadline - _BULK_RESERVE * timeout
+        begun = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
+        concurrent.futures.wait(begun, timeout=max(0.0, cutoff - time.monotonic()))
+        for session, bulk, work in rounds:
+            self._finish_all(session, bulk, work, deadline)
         futures = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
         concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
         samples: List[Sample] = []
@@ -513,9 +517,9 @@ class Collector:
     # -- planning and settling ---------------------------------------------------
 
     def _plan(
-        self, session: _HostSession, deadline: float, problems: List[Problem]
+        self, session: _HostSession, problems: List[Problem]
     ) -> Tuple[Optional["_BulkRound"], List[_Work]]:
-        """List the domains if needed and submit each domain's reading."""
+        """List the domains if needed and start each domain's reading of QEMU."""
         client = session.client
         assert client is not None
         now = time.monotonic()
@@ -523,14 +527,13 @@ class Collector:
             self._relist(session, problems)
             session.relist_due = now + RELIST_SECONDS
         entries = [session.entries[k] for k in self._order(session)]
-        ready = [e for e in entries if not _busy(e)]
-        bulk = _BulkRound(client, len(ready), self.source != "qmp", deadline) if ready else None
+        bulk = _BulkRound() if entries else None
         work: List[_Work] = []
         for entry in entries:
             if _busy(entry) or bulk is None:
                 work.append((entry, self._unresponsive(session, entry)))
                 continue
-            entry.pending = self._pool.submit(self._read, client, entry, bulk)
+            entry.pending = self._pool.submit(self._begin, client, entry, bulk)
             entry.pending_since = time.monotonic()
             work.append((entry, entry.pending))
         return bulk, work
@@ -563,19 +566,44 @@ class Collector:
     def _order(self, session: _HostSession) -> List[str]:
         return [k for k in session.order if k in session.entries]
 
-    def _read(self, client: BalloonStats, entry: _Entry, bulk: "_BulkRound") -> Sample:
-        """One domain's reading, in a worker thread."""
-        guest = entry.guest
-        try:
-            return client.sample(guest, self.source, memo=entry.memo, bulk=lambda: bulk.arrive(guest))
-        finally:
-            bulk.leave(guest)
+    def _begin(self, client: BalloonStats, entry: _Entry, bulk: "_BulkRound") -> Union[Reading, Sample]:
+        """In a worker: read QEMU; join the bulk call, or finish alone when it has gone."""
+        reading = client.begin_sample(entry.guest, self.source, memo=entry.memo)
+        if reading.error is None and bulk.join(reading):
+            return reading
+        return client.finish_sample(reading)
+
+    def _finish_all(self, session: _HostSession, bulk: "_BulkRound", work: List[_Work], deadline: float) -> None:
+        """One bulk call for every domain that has read QEMU; then finish each in a worker."""
+        client = session.client
+        assert client is not None
+        readings = bulk.close()
+        records: Dict[str, DomainRecord] = {}
+        pending = session.bulk_pending
+        if readings and (pending is None or pending.done()):
+            guests = [r.guest for r in readings]
+            balloon = self.source != "qmp"
+            future = session.bulk_pool.submit(lambda: client.host.domain_records(guests, balloon=balloon))
+            session.bulk_pending = future
+            try:
+                records = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                LOG.info("%s: the bulk stats call did not return in time", session.uri)
+            except BalloonStatsError as err:
+                # Each domain then asks on its own (and a lost connection shows there).
+                LOG.debug("%s: bulk stats failed: %s", session.uri, err)
+        joined = {r.guest.uuid: r for r in readings}
+        for index, (entry, item) in enumerate(work):
+            reading = joined.get(entry.guest.uuid)
+            if reading is not None and isinstance(item, concurrent.futures.Future):
+                entry.pending = self._pool.submit(client.finish_sample, reading, records.get(entry.guest.uuid))
+                work[index] = (entry, entry.pending)
 
     def _settle(
         self,
         session: _HostSession,
         entry: _Entry,
-        item: Union[Sample, "concurrent.futures.Future[Sample]"],
+        item: Union[Sample, "concurrent.futures.Future[Union[Reading, Sample]]"],
     ) -> Optional[Sample]:
         """Turn a planned item into the cycle's sample, or ``None`` to leave the domain out."""
         if isinstance(item, Sample):
@@ -584,7 +612,9 @@ class Collector:
             return self._unresponsive(session, entry)
         entry.pending = None
         try:
-            sample = item.result()
+            result = item.result()
+            assert isinstance(result, Sample), "a joined reading is finished before settling"
+            sample = result
         except BalloonStatsError as err:  # sample() turns these into samples; belt and braces
             sample = dataclasses.replace(
                 self._placeholder(session.uri, entry.guest, None, Status.UNREACHABLE, str(err)), error=err
@@ -673,86 +703,39 @@ class Collector:
             self._warn("%s: QEMU answers again", sample.domain)
 
 
+#: Share of the deadline kept for the bulk call and the second half of each reading.
+_BULK_RESERVE = 0.2
+
+
 class _BulkRound:
-    """One host's bulk call in one cycle, made once its domains have read QEMU.
+    """The domains of one host that read QEMU in time for this cycle's bulk call.
 
-    Each domain's reading reads QEMU first, then arrives here for libvirt's
-    side. When every domain has arrived (or left, having failed), or when
-    the cycle is near its deadline, one ``virDomainListGetStats`` call with
-    ``NOWAIT`` fetches the state and balloon figures of those that arrived.
-    A domain whose QEMU hangs never arrives, so it is never in the call, and
-    the call cannot block on it: with a hung QEMU whose job is free, a bulk
-    call that included it would block until QEMU moved again.
-
-    A domain arriving after the call was made gets ``None`` and asks libvirt
-    itself.
+    Each domain's reading reads QEMU first, then joins the round. When every
+    domain has, or when the cycle nears its deadline, the round closes and one
+    ``virDomainListGetStats`` call with ``NOWAIT`` fetches the state and
+    balloon figures of those that joined. A domain whose QEMU hangs never
+    joins, so it is never part of the call: with a hung QEMU whose job is
+    free, a bulk call that included it would block until QEMU moved again.
+    A reading that comes back after the round closed finishes on its own.
     """
 
-    #: Share of the deadline kept for the bulk call and what follows it.
-    RESERVE = 0.2
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = True
+        self._joined: List[Reading] = []
 
-    def __init__(self, client: BalloonStats, expected: int, balloon: bool, deadline: float) -> None:
-        self._client = client
-        self._expected = expected
-        self._balloon = balloon
-        self._deadline = deadline
-        self._cond = threading.Condition()
-        self._arrived: Dict[str, Guest] = {}
-        self._left = 0
-        self._records: Optional[Dict[str, DomainRecord]] = None
-        self._done = False
+    def join(self, reading: Reading) -> bool:
+        """Add a reading to the round; ``False`` when the round has closed."""
+        with self._lock:
+            if self._open:
+                self._joined.append(reading)
+            return self._open
 
-    def arrive(self, guest: Guest) -> Optional[DomainRecord]:
-        """Called by a domain's reading: wait for the bulk call, return this domain's record."""
-        with self._cond:
-            if self._done:
-                return None
-            self._arrived[guest.uuid] = guest
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: self._done, timeout=max(0.0, self._deadline - time.monotonic()))
-            return (self._records or {}).get(guest.uuid)
-
-    def leave(self, guest: Guest) -> None:
-        """Called when a domain's reading ends, arrived or not (it may have failed first)."""
-        with self._cond:
-            if guest.uuid not in self._arrived:
-                self._left += 1
-                self._cond.notify_all()
-
-    def run(self, session: _HostSession) -> None:
-        """In the collector's thread: wait for the arrivals, make the call, release the readers.
-
-        The call runs in the session's own one-thread pool: the domain
-        readers are blocked in :meth:`arrive`, so it must not queue behind
-        them. If the previous cycle's call is still pending (libvirtd
-        itself is stuck), none is made and each domain asks on its own.
-        """
-        start = time.monotonic()
-        cutoff = self._deadline - self.RESERVE * max(0.0, self._deadline - start)
-        with self._cond:
-            self._cond.wait_for(
-                lambda: len(self._arrived) + self._left >= self._expected,
-                timeout=max(0.0, cutoff - time.monotonic()),
-            )
-            guests = list(self._arrived.values())
-        records: Optional[Dict[str, DomainRecord]] = None
-        pending = session.bulk_pending
-        if guests and (pending is None or pending.done()):
-            future = session.bulk_pool.submit(
-                lambda: self._client.host.domain_records(guests, balloon=self._balloon)
-            )
-            session.bulk_pending = future
-            try:
-                records = future.result(timeout=max(0.0, self._deadline - time.monotonic()))
-            except concurrent.futures.TimeoutError:
-                LOG.info("%s: the bulk stats call did not return in time", self._client.host.uri)
-            except BalloonStatsError as err:
-                # Each domain then asks on its own (and a lost connection shows there).
-                LOG.debug("%s: bulk stats failed: %s", self._client.host.uri, err)
-        with self._cond:
-            self._records = records
-            self._done = True
-            self._cond.notify_all()
+    def close(self) -> List[Reading]:
+        """Close the round and return the readings that joined."""
+        with self._lock:
+            self._open = False
+            return list(self._joined)
 
 
 def _busy(entry: _Entry) -> bool:
