@@ -573,7 +573,9 @@ class Collector:
             return reading
         return client.finish_sample(reading)
 
-    def _finish_all(self, session: _HostSession, bulk: "_BulkRound", work: List[_Work], deadline: float) -> None:
+    def _finish_all(
+        self, session: _HostSession, bulk: "_BulkRound", work: List[_Work], deadline: float
+    ) -> None:
         """One bulk call for every domain that has read QEMU; then finish each in a worker."""
         client = session.client
         assert client is not None
@@ -596,7 +598,8 @@ class Collector:
         for index, (entry, item) in enumerate(work):
             reading = joined.get(entry.guest.uuid)
             if reading is not None and isinstance(item, concurrent.futures.Future):
-                entry.pending = self._pool.submit(client.finish_sample, reading, records.get(entry.guest.uuid))
+                record = records.get(entry.guest.uuid)
+                entry.pending = self._pool.submit(client.finish_sample, reading, record)
                 work[index] = (entry, entry.pending)
 
     def _settle(
