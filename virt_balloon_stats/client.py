@@ -41,6 +41,7 @@ from virt_balloon_stats.stats import (
     ACTUAL,
     DEFAULT_GRACE_SECONDS,
     LAST_UPDATE,
+    RSS,
     GuestStats,
     Status,
     classify,
@@ -596,9 +597,12 @@ class _LibvirtSide:
         if self._stats is None:
             record = self._record
             converted = memory_stats_from_domstats(record.balloon) if record is not None else {}
-            # NOWAIT leaves a busy QEMU's domain without its guest figures:
-            # then this domain asks on its own.
-            self._stats = converted if LAST_UPDATE.libvirt in converted else self._guest.memory_stats()
+            # NOWAIT leaves a busy QEMU's domain with only balloon.current and
+            # balloon.maximum (from libvirt's definition): then this domain
+            # asks on its own. libvirt reports rss, and last-update when there
+            # is a balloon, only when it could ask QEMU.
+            complete = LAST_UPDATE.libvirt in converted or RSS.libvirt in converted
+            self._stats = converted if complete else self._guest.memory_stats()
         return self._stats
 
 
