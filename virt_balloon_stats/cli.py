@@ -335,50 +335,49 @@ def cmd_check(run: Run) -> int:
     return int(state)
 
 
-def cmd_watch(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
+def cmd_watch(run: Run) -> int:
     """Redraw a live view every ``--interval`` seconds until Ctrl-C.
 
     A long-running collector: libvirt's events keep its caches, a hung QEMU
     costs only its own row, and a lost connection is retried while its rows
-    say so.
+    and the header say so.
     """
     args = run.args
     tty = run.out.isatty()
     tracker = Tracker()
     collector = _collector(run, events=True, timeout=args.timeout or args.interval)
     reported: Set[Tuple[str, str, str]] = set()
-    try:
-        cycle = collector.collect()
+    frames: List[Cycle] = []
+
+    def show(cycle: Cycle) -> None:
         _report_cycle(run, cycle, reported)
-        if not cycle.samples and (
+        if not frames and not cycle.samples and (
             not any(h.up for h in cycle.hosts.values()) or (not args.all and cycle.problems)
         ):
-            return EXIT_FAILED  # nothing to show: no host answers, or no named domain resolved
-        if tty:
+            # Nothing to show: no host answers, or no named domain resolved.
+            collector.request_stop()
+            return
+        for s in cycle.samples:
+            tracker.update(s)
+        frame = render_frame(
+            cycle.samples, tracker, time.time(), show_uri=run.several_hosts, hosts=cycle.hosts.values()
+        )
+        if tty and not frames:
             run.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide cursor
-        frames = 0
-        while True:
-            for s in cycle.samples:
-                tracker.update(s)
-            frame = render_frame(
-                cycle.samples, tracker, time.time(), show_uri=run.several_hosts, hosts=cycle.hosts.values()
-            )
-            run.out.write(("\x1b[H\x1b[J" + frame + "\n") if tty else frame + "\n\n")
-            run.out.flush()
-            frames += 1
-            if args.count and frames >= args.count:
-                break
-            sleep(max(0.0, args.interval - cycle.duration))
-            cycle = collector.collect()
-            _report_cycle(run, cycle, reported)
+        frames.append(cycle)
+        run.out.write(("\x1b[H\x1b[J" + frame + "\n") if tty else frame + "\n\n")
+        run.out.flush()
+
+    try:
+        collector.run(args.interval, show, count=args.count)
     except KeyboardInterrupt:
         pass
     finally:
-        if tty:
+        if tty and frames:
             run.out.write("\x1b[?25h\x1b[?1049l")  # cursor back, leave the alternate screen
             run.out.flush()
         collector.stop()
-    return EXIT_FAILED if run.failed else EXIT_OK
+    return EXIT_FAILED if run.failed or not frames else EXIT_OK
 
 
 def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:

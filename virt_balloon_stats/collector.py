@@ -92,6 +92,9 @@ RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0
 #: The reason given for every domain of a host whose connection was lost.
 LOST_CONNECTION = "lost the libvirt connection; reconnecting"
 
+#: Seconds early a reconnect attempt may start, to match the cycle schedule.
+_RETRY_SLACK = 0.25
+
 #: Hard cap on worker threads above ``workers``: one per stuck call, at most.
 MAX_STUCK_THREADS = 32
 
@@ -264,6 +267,7 @@ class Collector:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._on_state: Dict[Tuple[str, str], str] = {}
+        self._interval: Optional[float] = None  # set by run()
         if events:
             start_event_loop()
         if clients is not None:
@@ -314,6 +318,7 @@ class Collector:
         :param count: Stop after this many cycles (0: until asked to stop).
         """
         deadline = self.timeout or interval
+        self._interval = interval
         next_at = time.monotonic()
         done = 0
         while not self._stop.is_set():
@@ -449,13 +454,13 @@ class Collector:
         if session.client is not None:
             return True
         now = time.monotonic()
-        if now < session.retry_at:
+        # A little early is fine: cycles start on a schedule, not exactly at retry_at.
+        if now < session.retry_at - _RETRY_SLACK:
             return False
         try:
             client = self._open(session.uri)
         except BalloonStatsError as err:
-            session.retry_at = now + session.backoff
-            session.backoff = min(session.backoff * 2, RECONNECT_MAX)
+            session.retry_at = now + self._retry_delay(session)
             if not session.lost:
                 problems.append(Problem(session.uri, session.uri, err))
                 session.lost = str(err)
@@ -466,7 +471,7 @@ class Collector:
             except BalloonStatsError as err:
                 client.close()
                 problems.append(Problem(session.uri, session.uri, err))
-                session.retry_at = now + session.backoff
+                session.retry_at = now + self._retry_delay(session)
                 return False
         if session.lost:
             self._warn("%s: reconnected", session.uri)
@@ -479,6 +484,18 @@ class Collector:
         # Guests of the old connection are useless now; their memos go with them.
         session.entries = {}
         return True
+
+    def _retry_delay(self, session: _HostSession) -> float:
+        """The next reconnect delay: 1 s doubling to 30 s, but never over one interval.
+
+        Attempts are made only at the start of a cycle, so a background
+        collector tries once per cycle at most; capping the delay at the
+        interval keeps "fresh within two intervals of libvirtd answering"
+        after a long outage too.
+        """
+        delay = session.backoff
+        session.backoff = min(session.backoff * 2, RECONNECT_MAX)
+        return min(delay, self._interval) if self._interval else delay
 
     def _lose(self, session: _HostSession, why: str) -> None:
         if session.client is None:
@@ -561,7 +578,8 @@ class Collector:
             same = old is not None and old.guest.cache_key == guest.cache_key
             fresh[guest.uuid] = old if old is not None and same else _Entry(guest)
         session.entries = fresh
-        session.order = [g.uuid for g in guests]
+        # A domain named twice (by name and by UUID, say) is read once.
+        session.order = list(dict.fromkeys(g.uuid for g in guests))
 
     def _order(self, session: _HostSession) -> List[str]:
         return [k for k in session.order if k in session.entries]

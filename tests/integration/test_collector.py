@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -21,9 +22,9 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from tests.integration.conftest import URI, Domains
-from tests.integration.test_cli import qmp, qom_path_by_alias, vbs, virsh
-from virt_balloon_stats.collector import Collector, Cycle
+from tests.integration.conftest import URI, Domains, testbed, wait_for
+from tests.integration.test_cli import CLI, WATCH_HEADER, dommemstat, qmp, qom_path_by_alias, vbs, virsh
+from virt_balloon_stats.collector import LOST_CONNECTION, Collector, Cycle
 from virt_balloon_stats.errors import QEMUUnresponsive
 from virt_balloon_stats.sample import Sample
 from virt_balloon_stats.stats import Status
@@ -265,3 +266,96 @@ def test_interval_changed_behind_the_collectors_back_is_noticed(domains):
         # Disabled: figures stop; polling_disabled, not stale, within 2 x 2 + grace + a cycle.
         qom_set(0)
         assert _wait_status(collector, name, "polling_disabled", 0, 2 * 2 + grace + 3) > 0
+
+
+# -- libvirtd restarted ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def libvirtd_stopped() -> Iterator[None]:
+    """Stop libvirtd (its QEMUs keep running); start it again whatever happens."""
+    testbed("libvirtd-stop")
+    try:
+        yield
+    finally:
+        testbed("libvirtd-start")
+
+
+def test_collector_survives_a_libvirtd_restart(four_guests):
+    guest = four_guests[0]
+    interval = 2.0
+    cycles: List[Cycle] = []
+    collector = Collector([URI], domains=[guest], events=True)
+    collector.start(interval, cycles.append)
+    try:
+        wait_for(lambda: bool(cycles) and by_name(cycles[-1]) == {guest: "ok"}, timeout=10, what="ok")
+        with libvirtd_stopped():
+            wait_for(lambda: not cycles[-1].hosts[URI].up, timeout=3 * interval + 3, what="the loss")
+            down = cycles[-1]
+            assert down.hosts[URI].message.startswith(LOST_CONNECTION)
+            [sample] = down.samples
+            assert (sample.domain, sample.status) == (guest, Status.UNREACHABLE)
+            assert sample.message == LOST_CONNECTION
+            time.sleep(interval * 2)  # a few cycles with libvirtd away
+            assert all(not c.hosts[URI].up for c in cycles[-2:])
+        answering = time.time()
+        wait_for(
+            lambda: cycles[-1].hosts[URI].up and cycles[-1].samples[0].status is Status.OK,
+            timeout=2 * interval + 1,
+            what="fresh figures within two intervals of libvirtd answering",
+        )
+        fresh = cycles[-1].samples[0]
+        assert fresh.sampled_at >= answering
+        assert dommemstat(guest)["last_update"] >= (fresh.last_update or 0) - 2 * 2
+    finally:
+        collector.stop()
+    assert not any("Traceback" in s.message for c in cycles for s in c.samples)
+
+
+def test_watch_shows_a_libvirtd_restart_and_recovers(four_guests):
+    guest = four_guests[1]
+    interval = 2
+    proc = subprocess.Popen(
+        [CLI, "watch", "--interval", str(interval), "--count", "9", guest],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        blocks: List[str] = []
+        current: List[str] = []
+        restarted = False
+        for line in proc.stdout:
+            if line.startswith(WATCH_HEADER) and current:
+                blocks.append("".join(current))
+                current = []
+            current.append(line)
+            if len(blocks) == 2 and not restarted:
+                restarted = True
+                with libvirtd_stopped():
+                    time.sleep(2.5 * interval)
+        blocks.append("".join(current))
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    rows = [_row(block, guest) for block in blocks]
+    statuses = [row[1] for row in rows]
+    assert statuses[0] == "ok" and statuses[-1] == "ok", statuses
+    lost = [i for i, s in enumerate(statuses) if s == "unreachable"]
+    assert lost, statuses
+    for i in lost:
+        assert f"{URI}: {LOST_CONNECTION}" in blocks[i], blocks[i]
+        assert rows[i][6:10] == ["-", "-", "-", "-"], rows[i]  # no rate without figures
+    # Fresh again within two frames of libvirtd answering, and from then on.
+    assert "ok" in statuses[lost[-1] + 1:lost[-1] + 3], statuses
+    assert len(lost) == lost[-1] - lost[0] + 1, statuses  # one outage, no flapping
+
+
+def _row(block: str, name: str) -> List[str]:
+    """The watch row of ``name`` in one block, split on runs of two or more spaces."""
+    line = next(line for line in block.splitlines() if line.startswith(name + " "))
+    return re.split(r"\s{2,}", line.strip())
