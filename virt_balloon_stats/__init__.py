@@ -3,12 +3,14 @@
 Reads the figures QEMU's balloon device collects from the guest
 (``guest-stats``), controls how often it collects them
 (``guest-stats-polling-interval``), and checks them against libvirt's own
-``memoryStats()``. Start with :class:`BalloonStats`.
+``memoryStats()``. Start with :class:`BalloonStats`; for many domains, or
+for a long-running reader, use :class:`Collector`.
 """
 
 import logging
 
 from virt_balloon_stats.client import BalloonStats
+from virt_balloon_stats.collector import Collector, Cycle, HostState, Problem
 from virt_balloon_stats.crosscheck import CrossCheck, Result, Verdict
 from virt_balloon_stats.domxml import BalloonDevice
 from virt_balloon_stats.formats import human_bytes
@@ -27,6 +29,7 @@ from virt_balloon_stats.errors import (
     QMPBadReply,
     QMPExecuteError,
     QMPFailure,
+    QEMUUnresponsive,
     QOMPathNotFound,
     UnsupportedHypervisor,
 )
@@ -40,6 +43,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BalloonStats",
+    "Collector",
+    "Cycle",
+    "HostState",
+    "Problem",
     "Sample",
     "SOURCES",
     "Status",
@@ -73,6 +80,7 @@ __all__ = [
     "InvalidDomainXML",
     "NoBalloonDevice",
     "QOMPathNotFound",
+    "QEMUUnresponsive",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
