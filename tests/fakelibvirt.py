@@ -11,6 +11,14 @@ A recorded fixture (``tests/fixtures/recorded/<scenario>.json``) holds one
 domain's identity, live and inactive XML, ``memoryStats()``, its
 ``getAllDomainStats(BALLOON)`` record, and every QMP command sent with the raw
 reply QEMU gave, in the order they were sent.
+
+Faults that cannot be recorded as a reply are modelled here the way libvirt
+shows them to a client: a hung QEMU is a ``qemuMonitorCommand`` that does not
+return (:meth:`FakeDomain.hang`), a lost connection makes every call raise
+libvirt's RPC error (:meth:`FakeConnect.lose`), a destroyed transient domain
+answers every call with "no domain" (:meth:`FakeConnect.destroy`), and
+events reach the callbacks registered with ``domainEventRegisterAny`` and
+``registerCloseCallback`` when a test says so (:meth:`FakeConnect.emit`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import collections
 import json
 import re
 import threading
-from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import libvirt
 
@@ -29,6 +37,7 @@ from virt_balloon_stats.transport import LibvirtQemuTransport
 __all__ = [
     "libvirt_error",
     "error_from_record",
+    "connection_lost_error",
     "canonical",
     "FakeDomain",
     "FakeConnect",
@@ -52,6 +61,22 @@ def libvirt_error(code: int, domain: int, message: str) -> libvirt.libvirtError:
 def error_from_record(record: Mapping[str, Any]) -> libvirt.libvirtError:
     """The error of one ``libvirt-errors.json`` entry."""
     return libvirt_error(record["code"], record["domain"], record["message"])
+
+
+def connection_lost_error() -> libvirt.libvirtError:
+    """What a call on a connection whose libvirtd went away raises.
+
+    Synthetic (the testbed recordings have no dead libvirtd): the code, error
+    domain and text libvirt's RPC client gives when the daemon's end of the
+    socket closes.
+    """
+    message = "End of file while reading data: Input/output error"
+    return libvirt_error(libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, message)
+
+
+def _copy(err: libvirt.libvirtError) -> libvirt.libvirtError:
+    """A fresh instance of ``err``, so that threads failing at once do not share one traceback."""
+    return libvirt_error(err.get_error_code(), err.get_error_domain(), str(err))
 
 
 def canonical(command: Mapping[str, Any]) -> str:
@@ -85,12 +110,75 @@ class FakeDomain:
         self._lock = threading.Lock()
         #: Every call made, as (method name, positional arguments).
         self.calls: List[Tuple[str, Tuple[Any, ...]]] = []
+        #: The connection holding this domain (set by FakeConnect): when it is
+        #: lost, every call fails as libvirt's would.
+        self.connection: Optional["FakeConnect"] = None
+        self._gone: Optional[libvirt.libvirtError] = None
+        self._gates: Dict[str, threading.Event] = {}
+        self._held: "collections.Counter[str]" = collections.Counter()
+        self._held_changed = threading.Condition()
 
     def _called(self, method: str, *args: Any) -> None:
         with self._lock:
             self.calls.append((method, args))
-        if method in self._raises:
-            raise self._raises[method]
+        self.enter(method)
+
+    def enter(self, method: str) -> None:
+        """What libvirt does before answering ``method`` on this domain.
+
+        Fails for a lost connection or a destroyed domain, raises the error
+        set for ``method``, or holds the call while it is hung. Also called by
+        :class:`RecordedTransport` for ``qemuMonitorCommand``.
+        """
+        conn = self.connection
+        if conn is not None and conn.lost is not None:
+            raise _copy(conn.lost)
+        with self._lock:
+            gone, error, gate = self._gone, self._raises.get(method), self._gates.get(method)
+        if gone is not None:
+            raise _copy(gone)
+        if error is not None:
+            raise error
+        if gate is not None and not gate.is_set():
+            with self._held_changed:
+                self._held[method] += 1
+                self._held_changed.notify_all()
+            gate.wait()
+
+    def hang(self, method: str = "qemuMonitorCommand") -> threading.Event:
+        """Make every later call to ``method`` block until the returned Event is set.
+
+        A stopped QEMU looks like this through libvirt: the first call to its
+        monitor does not return, and libvirt has no reply timeout for it. A
+        test sets the Event in a ``finally``, so that no thread stays stuck.
+        """
+        release = threading.Event()
+        with self._lock:
+            self._gates[method] = release
+        return release
+
+    def held(self, method: str = "qemuMonitorCommand") -> int:
+        """How many calls to ``method`` were held by :meth:`hang` so far."""
+        with self._held_changed:
+            return self._held[method]
+
+    def wait_held(self, method: str = "qemuMonitorCommand", count: int = 1, timeout: float = 5.0) -> bool:
+        """Wait until ``count`` calls to ``method`` have been held by :meth:`hang`."""
+        with self._held_changed:
+            return self._held_changed.wait_for(lambda: self._held[method] >= count, timeout)
+
+    def fail(self, method: str, error: Optional[libvirt.libvirtError]) -> None:
+        """From now on ``method`` raises ``error`` (``None``: it answers again)."""
+        with self._lock:
+            if error is None:
+                self._raises.pop(method, None)
+            else:
+                self._raises[method] = error
+
+    def set_state(self, state: int, reason: int = 1) -> None:
+        """Change what ``state()`` and the bulk stats say (e.g. suspended: ``VIR_DOMAIN_PAUSED``)."""
+        with self._lock:
+            self._state = (state, reason)
 
     def calls_to(self, method: str) -> List[Tuple[Any, ...]]:
         """The arguments of every call to ``method``, in order."""
@@ -151,13 +239,65 @@ class FakeConnect:
         self._not_found = not_found
         self._busy = set(busy)
         self.closed = False
+        #: The error every call raises once the connection is lost (:meth:`lose`).
+        self.lost: Optional[libvirt.libvirtError] = None
         self._lock = threading.Lock()
         #: Every call made, as (method name, positional arguments).
         self.calls: List[Tuple[str, Tuple[Any, ...]]] = []
+        self._after: Dict[str, List[Callable[[], None]]] = {}
+        self._event_callbacks: List[Tuple[int, Any, Callable[..., Any], Any]] = []
+        self._close_callbacks: List[Tuple[Callable[..., Any], Any]] = []
+        for dom in self.domains:
+            dom.connection = self
 
     def _called(self, method: str, *args: Any) -> None:
         with self._lock:
             self.calls.append((method, args))
+            lost = self.lost
+        if lost is not None:
+            raise _copy(lost)
+
+    def _answer(self, method: str, result: Any) -> Any:
+        """Return ``result`` after running the hooks waiting for this call (see :meth:`after`)."""
+        with self._lock:
+            hooks = self._after.pop(method, [])
+        for hook in hooks:
+            hook()
+        return result
+
+    def after(self, method: str, hook: Callable[[], None]) -> None:
+        """Run ``hook`` once, right after the next ``method`` call computed its answer.
+
+        Models what happens on the host between two calls of a reader, e.g.
+        a domain destroyed just after it was listed.
+        """
+        with self._lock:
+            self._after.setdefault(method, []).append(hook)
+
+    def lose(self, error: Optional[libvirt.libvirtError] = None) -> None:
+        """libvirtd went away: every later call raises ``error`` (default :func:`connection_lost_error`)."""
+        with self._lock:
+            self.lost = error if error is not None else connection_lost_error()
+
+    def add(self, dom: FakeDomain) -> None:
+        """A domain started on the host."""
+        with self._lock:
+            self.domains.append(dom)
+        dom.connection = self
+
+    def destroy(self, dom: FakeDomain) -> None:
+        """``virsh destroy`` of a transient domain: it leaves the list, and its
+        ``virDomain`` answers every later call with libvirt's "no domain"
+        error (the recorded code and error domain)."""
+        with self._lock:
+            self.domains.remove(dom)
+        gone = self._missing("uuid", dom.UUIDString())
+        with dom._lock:
+            dom._gone = gone
+
+    def _active(self) -> List[FakeDomain]:
+        with self._lock:
+            return [d for d in self.domains if d.ID() >= 0]
 
     def calls_to(self, method: str) -> List[Tuple[Any, ...]]:
         """The arguments of every call to ``method``, in order."""
@@ -170,32 +310,36 @@ class FakeConnect:
         message = re.sub(r"matching name '.*'", f"matching {kind} '{value}'", self._not_found["message"])
         return libvirt_error(self._not_found["code"], self._not_found["domain"], message)
 
+    def _all(self) -> List[FakeDomain]:
+        with self._lock:
+            return list(self.domains)
+
     def lookupByName(self, name: str) -> FakeDomain:
         self._called("lookupByName", name)
-        for dom in self.domains:
+        for dom in self._all():
             if dom.name() == name:
-                return dom
+                return self._answer("lookupByName", dom)
         raise self._missing("name", name)
 
     def lookupByUUIDString(self, uuid: str) -> FakeDomain:
         self._called("lookupByUUIDString", uuid)
-        for dom in self.domains:
+        for dom in self._all():
             if dom.UUIDString() == uuid.lower():
-                return dom
+                return self._answer("lookupByUUIDString", dom)
         raise self._missing("uuid", uuid)
 
     def lookupByID(self, dom_id: int) -> FakeDomain:
         self._called("lookupByID", dom_id)
-        for dom in self.domains:
+        for dom in self._all():
             if dom.ID() == dom_id and dom_id >= 0:
-                return dom
+                return self._answer("lookupByID", dom)
         raise self._missing("id", dom_id)
 
     def listAllDomains(self, flags: int = 0) -> List[FakeDomain]:
         self._called("listAllDomains", flags)
         if flags & libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE:
-            return [d for d in self.domains if d.ID() >= 0]
-        return list(self.domains)
+            return self._answer("listAllDomains", [d for d in self._all() if d.ID() >= 0])
+        return self._answer("listAllDomains", self._all())
 
     def domainListGetStats(
         self, doms: Sequence[FakeDomain], stats: int = 0, flags: int = 0
@@ -203,6 +347,8 @@ class FakeConnect:
         self._called("domainListGetStats", list(doms), stats, flags)
         out = []
         for dom in doms:
+            if dom._gone is not None:
+                continue  # libvirt skips domains that no longer exist
             record: Dict[str, Any] = {}
             if stats & libvirt.VIR_DOMAIN_STATS_BALLOON:
                 record.update(dom.fixture["all_domain_stats"])
@@ -222,9 +368,50 @@ class FakeConnect:
         return "QEMU"
 
     def close(self) -> int:
-        self._called("close")
+        with self._lock:
+            self.calls.append(("close", ()))
         self.closed = True
         return 0
+
+    def domainEventRegisterAny(
+        self, dom: Optional[FakeDomain], event_id: int, cb: Callable[..., Any], opaque: Any
+    ) -> int:
+        self._called("domainEventRegisterAny", dom, event_id)
+        with self._lock:
+            self._event_callbacks.append((event_id, dom, cb, opaque))
+            return len(self._event_callbacks) - 1
+
+    def registerCloseCallback(self, cb: Callable[..., Any], opaque: Any) -> int:
+        self._called("registerCloseCallback")
+        with self._lock:
+            self._close_callbacks.append((cb, opaque))
+        return 0
+
+    def setKeepAlive(self, interval: int, count: int) -> int:
+        self._called("setKeepAlive", interval, count)
+        return 0
+
+    def emit(self, event_id: int, dom: FakeDomain, *args: Any) -> int:
+        """Deliver one domain event to the callbacks registered for it, as libvirt's event loop would.
+
+        ``args`` are the event's own arguments (for a lifecycle event, the
+        event and its detail; for a device event, the alias). Returns how many
+        callbacks were called.
+        """
+        with self._lock:
+            targets = [(cb, opaque) for eid, only, cb, opaque in self._event_callbacks
+                       if eid == event_id and (only is None or only is dom)]
+        for cb, opaque in targets:
+            cb(self, dom, *args, opaque)
+        return len(targets)
+
+    def emit_close(self, reason: int = libvirt.VIR_CONNECT_CLOSE_REASON_EOF) -> int:
+        """Call the close callbacks, as libvirt does when it sees the connection die."""
+        with self._lock:
+            targets = list(self._close_callbacks)
+        for cb, opaque in targets:
+            cb(self, reason, opaque)
+        return len(targets)
 
 
 class RecordedTransport:
@@ -273,6 +460,9 @@ class RecordedTransport:
         key = canonical(parsed)
         with self._lock:
             self.sent.append({"domain": dom.name(), "command": parsed, "raw": command, "flags": flags})
+        if isinstance(dom, FakeDomain):
+            dom.enter("qemuMonitorCommand")
+        with self._lock:
             if key in self._raises:
                 raise self._raises[key]
             replies = self._replies.get(dom.UUIDString(), {}).get(key)
@@ -280,7 +470,16 @@ class RecordedTransport:
                 raise AssertionError(f"{dom.name()}: no recorded reply for {key}")
             return replies.popleft() if len(replies) > 1 else replies[0]
 
-    def commands(self, execute: Optional[str] = None) -> List[Dict[str, Any]]:
-        """The command dicts sent so far, optionally only those of one ``execute``."""
+    def commands(self, execute: Optional[str] = None, domain: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The command dicts sent so far, optionally only one ``execute``'s or one domain's (by name)."""
         with self._lock:
-            return [s["command"] for s in self.sent if execute is None or s["command"]["execute"] == execute]
+            return [
+                s["command"] for s in self.sent
+                if (execute is None or s["command"]["execute"] == execute)
+                and (domain is None or s["domain"] == domain)
+            ]
+
+    def answer(self, uuid: str, command: Mapping[str, Any], reply: str) -> None:
+        """From now on answer ``command`` to that domain with ``reply``: a QEMU whose state moved on."""
+        with self._lock:
+            self._replies.setdefault(uuid, {})[canonical(command)] = collections.deque([reply])

@@ -95,6 +95,9 @@ LOST_CONNECTION = "lost the libvirt connection; reconnecting"
 #: Seconds early a reconnect attempt may start, to match the cycle schedule.
 _RETRY_SLACK = 0.25
 
+#: Seconds after which a QEMU read still running is taken for stuck (a read takes milliseconds).
+SLOW_READ = 0.5
+
 #: Hard cap on worker threads above ``workers``: one per stuck call, at most.
 MAX_STUCK_THREADS = 32
 
@@ -170,6 +173,7 @@ class Totals:
     calls: "collections.Counter[str]" = dataclasses.field(default_factory=collections.Counter)
     errors: "collections.Counter[str]" = dataclasses.field(default_factory=collections.Counter)
     seconds: float = 0.0
+    last_up: Dict[str, float] = dataclasses.field(default_factory=dict)  # URI -> start of its last good cycle
 
 
 class _Entry:
@@ -184,7 +188,8 @@ class _Entry:
 
 
 #: A domain's place in a cycle: its reading in flight, or a sample made without one.
-_Work = Tuple[_Entry, Union[Sample, "concurrent.futures.Future[Union[Reading, Sample]]"]]
+_Future = concurrent.futures.Future  # a reading in flight: Future[Union[Reading, Sample]]
+_Work = Tuple[_Entry, Union[Sample, "_Future[Union[Reading, Sample]]"]]
 
 
 class _HostSession:
@@ -272,6 +277,9 @@ class Collector:
             start_event_loop()
         if clients is not None:
             self._sessions = [_HostSession(c.host.uri, c) for c in clients]
+            for session in self._sessions:
+                assert session.client is not None
+                session.seen = session.client.host.counter.snapshot()  # count only our own calls
         else:
             self._sessions = [_HostSession(u, None) for u in (uris or [default_uri()])]
 
@@ -395,7 +403,7 @@ class Collector:
         # Everyone reads QEMU first; the bulk call then covers those that answered.
         cutoff = deadline - _BULK_RESERVE * timeout
         begun = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
-        concurrent.futures.wait(begun, timeout=max(0.0, cutoff - time.monotonic()))
+        self._wait_begun(begun, start, cutoff, stuck)
         for session, bulk, work in rounds:
             self._finish_all(session, bulk, work, deadline)
         futures = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
@@ -429,6 +437,9 @@ class Collector:
         self.totals.calls.update(calls)
         self.totals.errors.update(errors)
         self.totals.seconds += duration
+        for uri, host in hosts.items():
+            if host.up:
+                self.totals.last_up[uri] = started_at
         cycle = Cycle(
             number=with_number,
             started_at=started_at,
@@ -441,6 +452,26 @@ class Collector:
         )
         self._last = cycle
         return cycle
+
+    def _wait_begun(
+        self, begun: "List[_Future[Union[Reading, Sample]]]", start: float, cutoff: float, stuck: int
+    ) -> None:
+        """Wait for the QEMU reads until the cutoff, adding threads for reads that hang.
+
+        A read takes milliseconds; one still running after :data:`SLOW_READ`
+        seconds (or a fifth of the deadline, if shorter) is taken for stuck,
+        and the pool gets a spare thread for it, so the domains queued behind
+        it are read on time even when every worker is held by a hung QEMU.
+        """
+        slow = min(SLOW_READ, (cutoff - start) / 4)
+        while True:
+            now = time.monotonic()
+            step = max(0.0, min(cutoff - now, slow))
+            _, not_done = concurrent.futures.wait(begun, timeout=step)
+            if not not_done or time.monotonic() >= cutoff:
+                return
+            if time.monotonic() - start >= slow:
+                self._pool.reserve(stuck + sum(1 for f in not_done if f.running()))
 
     # -- connection ----------------------------------------------------------
 

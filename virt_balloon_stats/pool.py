@@ -56,9 +56,17 @@ class WorkerPool:
             return self._threads
 
     def reserve(self, extra: int) -> None:
-        """Allow ``extra`` threads above ``size`` (capped by ``limit``): one per stuck call."""
+        """Allow ``extra`` threads above ``size`` (capped by ``limit``): one per stuck call.
+
+        Threads start at once for tasks already waiting in the queue, so work
+        queued behind stuck calls gets going without a new submit.
+        """
         with self._lock:
             self._wanted = max(self.size, min(self.limit, self.size + extra))
+            waiting = self._queue.qsize() - self._idle
+            while waiting > 0 and self._threads < self._wanted and not self._closed:
+                self._spawn()
+                waiting -= 1
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
         """Run ``fn(*args)`` in a worker; its result or exception lands in the future."""
@@ -68,15 +76,16 @@ class WorkerPool:
                 raise RuntimeError("the worker pool is shut down")
             self._queue.put((future, fn, args))
             if self._idle == 0 and self._threads < self._wanted:
-                self._threads += 1
-                self._serial += 1
-                thread = threading.Thread(
-                    target=self._work, name=f"{self._name}-{self._serial}", daemon=True
-                )
-                thread.start()
+                self._spawn()
             elif self._idle:
                 self._idle -= 1  # that idle thread is now spoken for
         return future
+
+    def _spawn(self) -> None:
+        """Start one worker; the caller holds the lock."""
+        self._threads += 1
+        self._serial += 1
+        threading.Thread(target=self._work, name=f"{self._name}-{self._serial}", daemon=True).start()
 
     def shutdown(self) -> None:
         """Let idle threads go; busy ones finish their call and leave. Does not wait."""

@@ -22,7 +22,8 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from tests.integration.conftest import URI, Domains, testbed, wait_for
+from tests.integration.conftest import URI, Domains, wait_for
+from tests.integration.conftest import testbed as run_testbed
 from tests.integration.test_cli import CLI, WATCH_HEADER, dommemstat, qmp, qom_path_by_alias, vbs, virsh
 from virt_balloon_stats.collector import LOST_CONNECTION, Collector, Cycle
 from virt_balloon_stats.errors import QEMUUnresponsive
@@ -274,11 +275,11 @@ def test_interval_changed_behind_the_collectors_back_is_noticed(domains):
 @contextlib.contextmanager
 def libvirtd_stopped() -> Iterator[None]:
     """Stop libvirtd (its QEMUs keep running); start it again whatever happens."""
-    testbed("libvirtd-stop")
+    run_testbed("libvirtd-stop")
     try:
         yield
     finally:
-        testbed("libvirtd-start")
+        run_testbed("libvirtd-start")
 
 
 def test_collector_survives_a_libvirtd_restart(four_guests):

@@ -1,0 +1,934 @@
+"""virt_balloon_stats.collector: cycles over fake libvirt domains and recorded QMP replies.
+
+The collector, client, host, transport and QMP layers are the real code;
+only libvirt is fake (tests/fakelibvirt.py). Faults are modelled there as a
+client sees them: a hung QEMU is a ``qemuMonitorCommand`` that does not
+return, a dead libvirtd makes every call raise libvirt's RPC error, a
+destroyed domain answers "no domain". Every held call is released in a
+``finally``. Timing is only ever an upper bound for "returned on time";
+everything else is counted (libvirt calls, QMP commands) or read from the
+statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple
+
+import libvirt
+import pytest
+
+from tests.fakelibvirt import FakeDomain, connection_lost_error
+from tests.unit.conftest import (
+    EXPECTED_STATUS,
+    URI,
+    World,
+    balloon,
+    load,
+    now_for,
+    scenario_names,
+)
+from virt_balloon_stats.client import DEFAULT_REFRESH_SECONDS, BalloonStats
+from virt_balloon_stats.collector import LOST_CONNECTION, RECONNECT_FIRST, Collector, Cycle
+from virt_balloon_stats.errors import ConnectionFailed, DomainNotFound, InvalidArgument, QEMUUnresponsive
+from virt_balloon_stats.host import Host
+from virt_balloon_stats.qmp import POLLING_PROPERTY
+from virt_balloon_stats.stats import Status
+from virt_balloon_stats.transport import QMPClient
+
+#: Deadline of cycles where every domain answers: they never wait for it, so a
+#: generous value only makes a broken collector slow to fail, never flaky.
+TIMEOUT = 5.0
+
+#: Deadline of cycles with a hung domain, and the slack allowed on top of it.
+HUNG_TIMEOUT = 0.5
+SLACK = 2.0
+
+#: Statuses the clock does not decide, plus one fresh domain whose clock is used
+#: (as in test_client: one clock cannot make every recording fresh).
+MANY = ["virtio-hog", "nostats", "nodriver", "noos", "paused", "none"]
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _world(names: List[str], **kwargs: Any) -> World:
+    """A World of several scenarios, its clock pinned for the first one.
+
+    QEMU keeps its polling interval: the recordings read it again after the
+    recorder's own ``qom-set`` 0 and 3, which no collector test makes, so
+    every read of it gives the first recorded reply (see :func:`_keep_interval`).
+    """
+    fixtures = [load(n) for n in names]
+    kwargs.setdefault("now", now_for(fixtures[0]))
+    w = World(fixtures, **kwargs)
+    for dom in w.domains:
+        if balloon(dom.fixture).present:
+            _keep_interval(w, dom)
+    return w
+
+
+def _collector(w: World, **kwargs: Any) -> Collector:
+    kwargs.setdefault("timeout", TIMEOUT)
+    return Collector(clients=[w.client], **kwargs)
+
+
+def _name(fixture: Mapping[str, Any]) -> str:
+    return str(fixture["domain"]["name"])
+
+
+def _dom(w: World, scenario: str) -> FakeDomain:
+    return next(d for d in w.domains if d.fixture["scenario"] == scenario)
+
+
+def by_name(cycle: Cycle) -> Dict[str, str]:
+    return {s.domain: s.status.value for s in cycle.samples}
+
+
+def _expected(names: List[str]) -> Dict[str, str]:
+    return {f"vbs-tb-rec-{n}": EXPECTED_STATUS[n] for n in names}
+
+
+def _with_balloon(w: World) -> int:
+    return sum(1 for f in w.fixtures if balloon(f).present)
+
+
+def _qom_get(fixture: Mapping[str, Any], prop: str) -> Dict[str, Any]:
+    return {"execute": "qom-get", "arguments": {"path": fixture["balloon_path"], "property": prop}}
+
+
+def _raw_replies(fixture: Mapping[str, Any], command: Mapping[str, Any]) -> List[str]:
+    """The reply texts recorded for one command, in order, exactly as QEMU sent them."""
+    return [q["reply"] for q in fixture["qmp"] if q["command"] == command]
+
+
+def _interval_reads(w: World, fixture: Mapping[str, Any]) -> int:
+    wanted = _qom_get(fixture, POLLING_PROPERTY)
+    return sum(1 for c in w.transport.commands("qom-get", domain=_name(fixture)) if c == wanted)
+
+
+def _guest_answers_at(w: World, dom: FakeDomain, last_update: int) -> None:
+    """The guest's figures now carry ``last_update``, as QEMU and libvirt both report them.
+
+    Synthetic: the recorded guest-stats reply with only ``last-update``
+    changed, in QEMU's reply and in libvirt's bulk and memoryStats() records
+    alike, so that the cross-check has nothing to re-read.
+    """
+    fixture = dom.fixture
+    command = _qom_get(fixture, "guest-stats")
+    reply = json.loads(_raw_replies(fixture, command)[-1])
+    reply["return"]["last-update"] = last_update
+    w.transport.answer(dom.UUIDString(), command, json.dumps(reply))
+    fixture["all_domain_stats"]["balloon.last-update"] = last_update
+    fixture["memory_stats"]["last_update"] = last_update
+
+
+def _keep_interval(w: World, dom: FakeDomain, index: int = 0) -> None:
+    """QEMU answers the polling interval with its ``index``-th recorded reply from now on.
+
+    The recordings read the interval before and after ``qom-set`` 0 and 3;
+    pinning one reply keeps a test about caching from seeing those changes.
+    """
+    command = _qom_get(dom.fixture, POLLING_PROPERTY)
+    w.transport.answer(dom.UUIDString(), command, _raw_replies(dom.fixture, command)[index])
+
+
+def _wait_for(predicate: Callable[[], object], within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+# -- one cycle ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", scenario_names())
+def test_one_cycle_gives_each_scenario_its_expected_status(name):
+    """One domain per host: the collector classifies each recorded situation as the client does."""
+    w = _world([name])
+    fixture = w.fixtures[0]
+    with _collector(w) as collector:
+        cycle = collector.collect()
+    [sample] = cycle.samples
+    assert sample.status.value == EXPECTED_STATUS[name]
+    assert sample.error is None
+    assert (sample.domain, sample.uuid, sample.id) == (
+        fixture["domain"]["name"], fixture["domain"]["uuid"], fixture["domain"]["id"]
+    )
+    assert sample.uri == URI
+    assert cycle.hosts[URI].up and cycle.hosts[URI].message == ""
+    assert cycle.problems == () and cycle.errors == {}
+
+
+def test_one_cycle_over_many_domains_is_in_name_order_with_their_statuses():
+    """Every running domain once, sorted by name, each with its own status."""
+    w = _world(MANY)
+    with _collector(w) as collector:
+        cycle = collector.collect()
+    assert [s.domain for s in cycle.samples] == sorted(_name(f) for f in w.fixtures)
+    assert by_name(cycle) == _expected(MANY)
+    assert cycle.statuses["ok"] == 1 and cycle.statuses["unresponsive"] == 0
+    assert cycle.number == 1 and cycle.outstanding == 0
+
+
+def test_one_cycle_says_what_balloon_stats_sample_says_for_every_scenario():
+    """Under one clock, each domain's sample from a cycle equals the client's own sample of it."""
+    fixtures = [load(n) for n in scenario_names()]
+    now = now_for(fixtures[0])
+    w = World(fixtures, now=now)
+    with _collector(w, workers=len(fixtures)) as collector:
+        cycle = collector.collect()
+    assert len(cycle.samples) == len(fixtures)
+    for sample in cycle.samples:
+        fixture = next(f for f in fixtures if _name(f) == sample.domain)
+        alone = World([load(fixture["scenario"])], now=now).client.sample(sample.domain)
+        assert sample.status is alone.status, sample.domain
+        assert sample.message == alone.message
+        assert sample.stats == alone.stats
+        assert sample.actual_bytes == alone.actual_bytes
+        assert sample.polling == alone.polling
+        assert sample.crosscheck.result is alone.crosscheck.result
+        assert sample.libvirt == alone.libvirt
+        assert sample.state == alone.state
+
+
+def test_named_domains_come_back_in_the_order_named():
+    """With names, the order is the caller's, not the alphabet's."""
+    w = _world(MANY)
+    names = [_name(f) for f in reversed(w.fixtures)]
+    with _collector(w, domains=names) as collector:
+        cycle = collector.collect()
+    assert [s.domain for s in cycle.samples] == names
+    assert by_name(cycle) == _expected(MANY)
+    assert "listAllDomains" not in cycle.calls
+
+
+# -- steady state --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["all", "named"])
+def test_steady_cycles_cost_one_bulk_call_and_one_qmp_command_per_balloon(named):
+    """After the first cycle: no XML, no state(), one domainListGetStats, one guest-stats per balloon."""
+    w = _world(MANY)
+    domains = [_name(f) for f in w.fixtures] if named else None
+    with _collector(w, domains=domains) as collector:
+        first = collector.collect()
+        assert first.calls["XMLDesc"] == len(MANY)
+        cycles = [collector.collect() for _ in range(2)]
+        for cycle in cycles:
+            assert by_name(cycle) == _expected(MANY)
+            assert cycle.calls.get("XMLDesc", 0) == 0, cycle.calls
+            assert cycle.calls.get("state", 0) == 0, cycle.calls
+            assert cycle.calls["domainListGetStats"] == 1
+            assert cycle.calls["qemuMonitorCommand"] == _with_balloon(w) == len(MANY) - 1
+        for dom in w.domains:
+            if balloon(dom.fixture).present:
+                assert len(w.transport.commands(domain=dom.name())) == 5 + len(cycles)
+        totals = collector.totals
+    assert totals.cycles == 3
+    summed: Dict[str, int] = {}
+    for cycle in [first, *cycles]:
+        for call, count in cycle.calls.items():
+            summed[call] = summed.get(call, 0) + count
+    assert dict(totals.calls) == summed == w.client.rpc_counts
+    assert not totals.errors
+
+
+def test_cycle_calls_are_the_connections_own_count():
+    """cycle.calls is what the host's RPC counter moved by during the cycle."""
+    w = _world(MANY)
+    with _collector(w) as collector:
+        collector.collect()
+        before = w.host.counter.snapshot()
+        cycle = collector.collect()
+        after = w.host.counter.snapshot()
+    assert cycle.calls == {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+def test_first_cycle_counts_only_its_own_calls():
+    """Cycle.calls is the round trips made during the cycle, even on a client used before.
+
+    A script's client, or sample_many's, has calls on its counter already;
+    the first cycle must not count them.
+    """
+    w = _world(["virtio"])
+    w.client.sample(_name(w.fixtures[0]))
+    earlier = w.host.counter.snapshot()
+    with _collector(w) as collector:
+        cycle = collector.collect()
+    after = w.host.counter.snapshot()
+    assert cycle.calls == {k: after[k] - earlier.get(k, 0) for k in after if after[k] != earlier.get(k, 0)}
+
+
+def test_no_balloon_domain_costs_no_call_of_its_own_in_steady_state():
+    """Its bulk record (``balloon.rss``) is all libvirt has for it: no memoryStats() of its own.
+
+    Without a ``last-update`` the record looks like one NOWAIT left empty;
+    taking it for that would cost one extra round trip per such domain per
+    cycle.
+    """
+    w = _world(["none"])
+    with _collector(w) as collector:
+        collector.collect()
+        cycle = collector.collect()
+    assert by_name(cycle) == _expected(["none"])
+    assert cycle.samples[0].libvirt == w.fixtures[0]["memory_stats"]
+    assert cycle.calls == {"listAllDomains": 1, "domainListGetStats": 1}
+
+
+# -- a hung QEMU ---------------------------------------------------------------------------
+
+HUNG_SET = ["virtio-hog", "nostats", "noos", "nodriver"]
+HUNG = "nodriver"
+WORKERS = 8
+
+
+@pytest.fixture
+def hung() -> Iterator[Tuple[World, FakeDomain, Collector, threading.Event]]:
+    """Four domains, one whose QEMU does not answer; released and stopped whatever the test does."""
+    w = _world(HUNG_SET)
+    dom = _dom(w, HUNG)
+    release = dom.hang()
+    collector = _collector(w, timeout=HUNG_TIMEOUT, workers=WORKERS)
+    try:
+        yield w, dom, collector, release
+    finally:
+        release.set()
+        collector.stop()
+
+
+def _timed_collect(collector: Collector) -> Cycle:
+    began = time.monotonic()
+    cycle = collector.collect()
+    took = time.monotonic() - began
+    assert took < HUNG_TIMEOUT + SLACK, f"took {took:.1f} s"
+    return cycle
+
+
+def _healthy(cycle: Cycle) -> Dict[str, str]:
+    statuses = by_name(cycle)
+    statuses.pop(f"vbs-tb-rec-{HUNG}")
+    return statuses
+
+
+def test_hung_domain_is_unresponsive_and_the_others_are_read_on_time(hung):
+    """The cycle ends at its deadline; only the hung domain lacks figures, with a typed error."""
+    w, dom, collector, _release = hung
+    cycle = _timed_collect(collector)
+    assert dom.held() == 1
+    sample = next(s for s in cycle.samples if s.domain == dom.name())
+    assert sample.status is Status.UNRESPONSIVE
+    assert isinstance(sample.error, QEMUUnresponsive)
+    assert sample.message.startswith("QEMU did not answer within")
+    assert sample.error.domain == dom.name()
+    assert sample.stats is None
+    assert _healthy(cycle) == _expected([n for n in HUNG_SET if n != HUNG])
+    assert cycle.outstanding == 1 and cycle.statuses["unresponsive"] == 1
+    assert cycle.errors == {"unresponsive": 1}
+    assert cycle.hosts[URI].up
+
+
+def test_hung_domain_is_left_out_of_the_bulk_call(hung):
+    """A bulk call naming a hung QEMU would wait on it: it names only those that answered."""
+    w, dom, collector, _release = hung
+    collector.collect()
+    [(doms, stats, flags)] = w.conn.calls_to("domainListGetStats")
+    assert sorted(d.name() for d in doms) == sorted(_name(f) for f in w.fixtures if f["scenario"] != HUNG)
+    assert flags & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+    assert stats == libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_BALLOON
+
+
+def test_hung_domain_is_not_asked_again_while_its_call_is_outstanding(hung):
+    """At most one call per domain in flight: later cycles report it without sending it anything."""
+    w, dom, collector, _release = hung
+    collector.collect()
+    sent = len(w.transport.commands(domain=dom.name()))
+    assert sent == 1
+    for _ in range(4):
+        cycle = _timed_collect(collector)
+        assert by_name(cycle)[dom.name()] == "unresponsive"
+        assert _healthy(cycle) == _expected([n for n in HUNG_SET if n != HUNG])
+        assert cycle.calls["domainListGetStats"] == 1
+        assert collector.threads <= WORKERS + 1, collector.threads
+    assert len(w.transport.commands(domain=dom.name())) == sent
+    assert dom.held() == 1
+    assert collector.totals.errors["unresponsive"] == 5
+
+
+def test_hung_domain_is_read_as_usual_once_qemu_answers(hung):
+    """Released: the stuck call completes on its own, then the domain is read like any other."""
+    w, dom, collector, release = hung
+    collector.collect()
+    collector.collect()
+    release.set()
+    # Until the late reading has finished, the domain is still not asked again.
+    assert _wait_for(lambda: by_name(collector.collect())[dom.name()] != "unresponsive")
+    sample = next(s for s in collector.last.samples if s.domain == dom.name())
+    assert sample.status.value == EXPECTED_STATUS[HUNG]
+    assert sample.error is None
+    sent = len(w.transport.commands(domain=dom.name()))
+    cycle = collector.collect()
+    assert by_name(cycle) == _expected(HUNG_SET)
+    assert cycle.outstanding == 0
+    # A steady reading now: one guest-stats, its XML never parsed again.
+    assert w.transport.commands(domain=dom.name())[sent:] == [_qom_get(dom.fixture, "guest-stats")]
+    assert len(dom.calls_to("XMLDesc")) == 1
+
+
+def test_hung_domain_does_not_hold_up_the_others_with_one_worker():
+    """With ``workers=1`` (or as many hung QEMUs as workers), the domains queued behind a hung one are read.
+
+    "A domain whose reading has not returned ``timeout`` seconds after the
+    cycle began is reported unresponsive; the others are reported on time":
+    a read still running after a fraction of the deadline gets a spare
+    thread, so the others are not stuck behind it even in a one-shot
+    reading (``sample_many(workers=1)``).
+    """
+    w = _world(HUNG_SET)
+    dom = _dom(w, HUNG)
+    assert min(_name(f) for f in w.fixtures) == dom.name()  # read first
+    release = dom.hang()
+    try:
+        with _collector(w, workers=1, timeout=HUNG_TIMEOUT) as collector:
+            cycle = _timed_collect(collector)
+    finally:
+        release.set()
+    assert by_name(cycle)[dom.name()] == "unresponsive"
+    assert _healthy(cycle) == _expected([n for n in HUNG_SET if n != HUNG])
+
+
+#: Every domain's own status, none without a balloon (whose steady cost has its own test).
+BUSY_HOST = ["virtio-hog", "nostats", "nodriver", "noos", "paused"]
+
+
+@pytest.mark.parametrize("workers", [1, 3, len(BUSY_HOST)])
+def test_fewer_workers_than_domains_still_make_one_bulk_call_for_all(workers):
+    """More domains than workers (DEFAULT_WORKERS is 8: any busy host) still make one bulk call for all.
+
+    Counted, not timed: the bulk call names every domain and no domain asks
+    libvirt on its own. A reader that held its worker while waiting for the
+    bulk call would leave the bulk call no thread with as many domains as
+    workers, and make the late ones miss it with more.
+    """
+    w = _world(BUSY_HOST)
+    with _collector(w, workers=workers, timeout=2.0) as collector:
+        cycle = collector.collect()
+    assert by_name(cycle) == _expected(BUSY_HOST)
+    [(doms, _, _)] = w.conn.calls_to("domainListGetStats")
+    assert sorted(d.name() for d in doms) == sorted(by_name(cycle))
+    assert cycle.calls.get("state", 0) == 0, cycle.calls
+    assert cycle.calls.get("memoryStats", 0) == 0, cycle.calls
+
+
+def test_domain_named_twice_is_read_once_and_never_unresponsive():
+    """Named twice (by name and by UUID, or ``check vm vm``): read once, never ``unresponsive``.
+
+    A UUID kept twice in the reading order would make the second entry look
+    "busy" with the first one's call, and a healthy domain CRITICAL for
+    ``check``.
+    """
+    w = _world(["virtio-hog", "nostats"])
+    hog = w.fixtures[0]
+    with _collector(w, domains=[_name(hog), hog["domain"]["uuid"], _name(w.fixtures[1])], timeout=1.0) as c:
+        cycle = c.collect()
+    statuses = [s.status.value for s in cycle.samples if s.domain == _name(hog)]
+    assert statuses and set(statuses) == {"ok"}, statuses
+    assert len(w.transport.commands("qom-get", domain=_name(hog))) == 2  # interval and guest-stats
+
+
+# -- churn ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steady", [False, True], ids=["first-cycle", "steady"])
+def test_domain_destroyed_between_listing_and_reading_is_left_out(steady):
+    """--all: listed, then destroyed before its reading: not in the cycle, and no error either."""
+    w = _world(MANY)
+    victim = _dom(w, "nostats")
+    with _collector(w) as collector:
+        if steady:
+            collector.collect()
+        earlier = len(w.conn.calls_to("domainListGetStats"))
+        w.conn.after("listAllDomains", lambda: w.conn.destroy(victim))
+        cycle = collector.collect()
+        assert victim.name() not in by_name(cycle)
+        assert by_name(cycle) == _expected([n for n in MANY if n != "nostats"])
+        assert cycle.errors == {} and cycle.problems == ()
+        assert cycle.hosts[URI].up
+        [(doms, _, _)] = w.conn.calls_to("domainListGetStats")[earlier:]
+        assert victim not in doms and len(doms) == len(MANY) - 1
+        assert by_name(collector.collect()) == _expected([n for n in MANY if n != "nostats"])
+
+
+def test_domain_started_shows_up_in_the_next_cycle():
+    """Without events every cycle lists the domains: a new one is read at once, and only its XML parsed."""
+    w = _world(MANY)
+    late = _dom(w, "noos")
+    w.conn.domains.remove(late)
+    with _collector(w) as collector:
+        first = collector.collect()
+        assert late.name() not in by_name(first)
+        w.conn.add(late)
+        cycle = collector.collect()
+    assert by_name(cycle) == _expected(MANY)
+    assert cycle.calls["XMLDesc"] == 1 and len(late.calls_to("XMLDesc")) == 1
+
+
+def test_domain_destroyed_drops_out_without_an_error_and_its_path_is_forgotten():
+    """Gone between cycles: no sample, no error, and no cached QOM path left behind."""
+    w = _world(MANY)
+    victim = _dom(w, "virtio-hog")
+    with _collector(w) as collector:
+        collector.collect()
+        guest = w.client.guest(victim.name())
+        assert w.client.paths.get(guest) is not None
+        w.conn.destroy(victim)
+        cycle = collector.collect()
+    assert by_name(cycle) == _expected([n for n in MANY if n != "virtio-hog"])
+    assert cycle.errors == {} and cycle.problems == ()
+    assert w.client.paths.get(guest) is None
+
+
+def test_domain_restarted_under_the_same_uuid_is_read_afresh():
+    """New id, new QEMU: its XML is parsed and its QOM path found again, not taken from the old one."""
+    w = _world(["virtio-hog", "nostats"])
+    old = _dom(w, "virtio-hog")
+    with _collector(w) as collector:
+        collector.collect()
+        restarted = FakeDomain(old.fixture, dom_id=old.ID() + 10)
+        w.conn.destroy(old)
+        w.conn.add(restarted)
+        cycle = collector.collect()
+    sample = next(s for s in cycle.samples if s.domain == old.name())
+    assert sample.id == old.ID() + 10
+    assert sample.status is Status.OK
+    assert len(restarted.calls_to("XMLDesc")) == 1
+    lists = [c for c in w.transport.commands("qom-list", domain=old.name())
+             if c["arguments"]["path"] == "/machine/peripheral"]
+    assert len(lists) == 2
+
+
+def test_unknown_named_domain_is_a_problem_and_the_others_are_read():
+    """A name that resolves to nothing is one Problem (DomainNotFound); the rest are sampled."""
+    w = _world(["virtio-hog", "nostats"])
+    names = [_name(w.fixtures[0]), "vbs-tb-rec-nope", _name(w.fixtures[1])]
+    with _collector(w, domains=names) as collector:
+        cycle = collector.collect()
+    assert [s.domain for s in cycle.samples] == [names[0], names[2]]
+    assert by_name(cycle) == _expected(["virtio-hog", "nostats"])
+    [problem] = cycle.problems
+    assert problem.what == "vbs-tb-rec-nope" and problem.uri == URI
+    assert isinstance(problem.error, DomainNotFound)
+    assert problem.error.code == libvirt.VIR_ERR_NO_DOMAIN
+    assert cycle.errors == {"DomainNotFound": 1}
+    assert cycle.hosts[URI].up
+
+
+# -- a lost connection -----------------------------------------------------------------------------
+
+
+class Opener:
+    """Stands in for BalloonStats.open: a fresh fake connection each time, or a refusal."""
+
+    def __init__(self, names: List[str], *, refuse: int = 0) -> None:
+        self.names = names
+        self.refuse = refuse
+        self.worlds: List[World] = []
+        self.calls: List[str] = []
+
+    def __call__(self, uri: str) -> BalloonStats:
+        self.calls.append(uri)
+        if self.refuse:
+            self.refuse -= 1
+            raise ConnectionFailed("cannot connect; is libvirtd running, and may this user use it? (test)")
+        w = _world(self.names)
+        self.worlds.append(w)
+        return w.client
+
+
+def _assert_down(cycle: Cycle, names: List[str]) -> None:
+    state = cycle.hosts[URI]
+    assert not state.up
+    assert LOST_CONNECTION in state.message
+    assert state.retry_in is not None
+    assert [s.domain for s in cycle.samples] == sorted(f"vbs-tb-rec-{n}" for n in names)
+    for sample in cycle.samples:
+        assert sample.status is Status.UNREACHABLE
+        assert isinstance(sample.error, ConnectionFailed)
+        assert sample.message == LOST_CONNECTION
+
+
+def test_connection_lost_at_listing_marks_the_host_down_and_its_domains_unreachable():
+    """libvirtd gone (RPC error): the host is down, its known domains unreachable, nothing raised."""
+    names = ["virtio-hog", "nostats", "none"]
+    w = _world(names)
+    with _collector(w, opener=Opener(names)) as collector:
+        collector.collect()
+        w.conn.lose()
+        cycle = collector.collect()
+    _assert_down(cycle, names)
+    assert "End of file while reading data" in cycle.hosts[URI].message
+
+
+def test_connection_lost_while_reading_marks_the_host_down():
+    """Listed fine, then every reading fails on the dead connection: down, not a row of errors."""
+    names = ["virtio-hog", "nostats"]
+    w = _world(names)
+    with _collector(w, opener=Opener(names)) as collector:
+        collector.collect()
+        w.conn.after("listAllDomains", w.conn.lose)
+        cycle = collector.collect()
+    _assert_down(cycle, names)
+
+
+def test_lost_connection_is_reopened_on_the_next_cycle():
+    """The first reconnect is at once; the fresh connection is read from scratch."""
+    names = ["virtio-hog", "nostats"]
+    w = _world(names)
+    opener = Opener(names)
+    with _collector(w, opener=opener) as collector:
+        collector.collect()
+        w.conn.lose(connection_lost_error())
+        collector.collect()
+        assert opener.calls == []
+        cycle = collector.collect()
+        assert opener.calls == [URI]
+        fresh = opener.worlds[0]
+        assert cycle.hosts[URI].up
+        assert by_name(cycle) == _expected(names)
+        assert cycle.calls["XMLDesc"] == len(names)
+        assert fresh.conn.calls_to("listAllDomains")
+    assert fresh.conn.closed  # opened by the collector: closed by stop()
+
+
+def test_reconnect_backs_off_after_a_failed_attempt():
+    """A refused reconnect is not retried before RECONNECT_FIRST seconds; then it is, and succeeds."""
+    names = ["virtio-hog"]
+    w = _world(names)
+    opener = Opener(names, refuse=1)
+    with _collector(w, opener=opener) as collector:
+        collector.collect()
+        w.conn.lose()
+        collector.collect()
+        refused = collector.collect()
+        assert opener.calls == [URI]
+        _assert_down(refused, names)
+        waiting = collector.collect()
+        assert opener.calls == [URI]
+        _assert_down(waiting, names)
+        assert 0 < waiting.hosts[URI].retry_in <= RECONNECT_FIRST
+        time.sleep(waiting.hosts[URI].retry_in + 0.05)
+        cycle = collector.collect()
+    assert opener.calls == [URI, URI]
+    assert cycle.hosts[URI].up
+    assert by_name(cycle) == _expected(names)
+
+
+def test_host_that_cannot_be_opened_is_one_problem_then_down():
+    """Never connected: one Problem for the URI in the first cycle, later cycles only say it is down."""
+    opener = Opener(["virtio-hog"], refuse=2)
+    with Collector([URI], opener=opener, timeout=TIMEOUT) as collector:
+        first = collector.collect()
+        second = collector.collect()
+    [problem] = first.problems
+    assert problem.what == URI and isinstance(problem.error, ConnectionFailed)
+    assert not first.hosts[URI].up and first.samples == ()
+    assert second.problems == () and not second.hosts[URI].up
+    assert opener.calls == [URI]
+
+
+def test_one_host_lost_leaves_the_other_read():
+    """Two connections: samples in host order; the lost one is down, the other is read as usual."""
+    other_uri = "qemu+ssh://other.example/system"
+    here, there = _world(["virtio-hog", "nostats"]), _world(["noos"])
+    remote = BalloonStats(Host(there.conn, other_uri), QMPClient(there.transport), clock=there.client.clock)
+    opener = Opener([])
+    with Collector(clients=[here.client, remote], timeout=TIMEOUT, opener=opener) as collector:
+        first = collector.collect()
+        assert [s.uri for s in first.samples] == [URI, URI, other_uri]
+        here.conn.lose()
+        cycle = collector.collect()
+    assert opener.calls == []
+    assert not cycle.hosts[URI].up and cycle.hosts[other_uri].up
+    assert [(s.uri, s.status.value) for s in cycle.samples] == [
+        (URI, "unreachable"), (URI, "unreachable"), (other_uri, EXPECTED_STATUS["noos"])
+    ]
+    assert cycle.errors == {"ConnectionFailed": 2}
+
+
+# -- the polling interval cache ----------------------------------------------------------------------
+
+
+def test_steady_cycles_do_not_read_the_polling_interval_again():
+    """The interval (and query-balloon) are read once; steady cycles take them from the memo."""
+    w = _world(["virtio"])
+    fixture = w.fixtures[0]
+    with _collector(w) as collector:
+        cycles = [collector.collect() for _ in range(4)]
+    assert [by_name(c) for c in cycles] == [_expected(["virtio"])] * 4
+    assert _interval_reads(w, fixture) == 1
+    assert len(w.transport.commands("query-balloon")) == 1
+    assert all(c.samples[0].polling.qemu_interval == 2 for c in cycles)
+
+
+def test_figures_gone_old_make_one_extra_interval_read():
+    """Fresh -> stale under the cached interval: read it again once to be sure, then trust it again."""
+    w = _world(["virtio"])
+    fixture, dom = w.fixtures[0], w.domain
+    with _collector(w) as collector:
+        assert by_name(collector.collect()) == _expected(["virtio"])
+        assert _interval_reads(w, fixture) == 1
+        _guest_answers_at(w, dom, int(now_for(fixture)) - 60)
+        stale = collector.collect()
+        assert _interval_reads(w, fixture) == 2
+        again = collector.collect()
+        assert _interval_reads(w, fixture) == 2
+    assert stale.samples[0].status is Status.STALE
+    assert again.samples[0].status is Status.STALE
+    assert stale.samples[0].polling.qemu_interval == 2
+
+
+def test_interval_disabled_behind_the_collectors_back_is_polling_disabled_not_stale():
+    """The re-read interval decides: QEMU now says 0, so the old figures mean polling_disabled."""
+    w = _world(["virtio"])
+    fixture, dom = w.fixtures[0], w.domain
+    with _collector(w) as collector:
+        collector.collect()
+        _guest_answers_at(w, dom, int(now_for(fixture)) - 60)
+        _keep_interval(w, dom, index=1)  # the recorded read after qom-set 0
+        cycle = collector.collect()
+    assert cycle.samples[0].status is Status.POLLING_DISABLED
+    assert cycle.samples[0].polling.qemu_interval == 0
+    assert _interval_reads(w, fixture) == 2
+
+
+def test_last_update_moving_faster_than_the_interval_makes_one_extra_interval_read():
+    """Updates 1 s apart with a cached 2 s interval: it may have been shortened, so read it again."""
+    w = _world(["virtio"])
+    fixture, dom = w.fixtures[0], w.domain
+    last = fixture["all_domain_stats"]["balloon.last-update"]
+    with _collector(w) as collector:
+        collector.collect()
+        _guest_answers_at(w, dom, last + 1)
+        first = collector.collect()
+        assert _interval_reads(w, fixture) == 2
+        second = collector.collect()
+        assert _interval_reads(w, fixture) == 2
+    assert first.samples[0].status is second.samples[0].status is Status.OK
+
+
+def test_interval_is_read_again_after_the_refresh_period():
+    """Even with no reason in the figures, the interval and query-balloon are re-read every refresh."""
+    w = _world(["virtio"])
+    fixture = w.fixtures[0]
+    ticks = [1000.0]
+    client = BalloonStats(
+        w.host, QMPClient(w.transport), clock=lambda: now_for(fixture), monotonic=lambda: ticks[0]
+    )
+    with Collector(clients=[client], timeout=TIMEOUT) as collector:
+        collector.collect()
+        collector.collect()
+        assert _interval_reads(w, fixture) == 1
+        ticks[0] += DEFAULT_REFRESH_SECONDS
+        cycle = collector.collect()
+    assert _interval_reads(w, fixture) == 2
+    assert len(w.transport.commands("query-balloon")) == 2
+    assert cycle.samples[0].status is Status.OK
+
+
+# -- sources ----------------------------------------------------------------------------------------
+
+
+def test_source_qmp_bulk_call_asks_for_the_state_only():
+    """QMP alone: libvirt is asked only for states, in the one bulk call; no memoryStats(), no state()."""
+    w = _world(MANY)
+    with _collector(w, source="qmp") as collector:
+        cycle = collector.collect()
+    [(doms, stats, flags)] = w.conn.calls_to("domainListGetStats")
+    assert stats == libvirt.VIR_DOMAIN_STATS_STATE
+    assert flags & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+    assert len(doms) == len(MANY)
+    assert all(d.calls_to("memoryStats") == [] and d.calls_to("state") == [] for d in w.domains)
+    assert by_name(cycle) == _expected(MANY)
+    assert all(s.source == "qmp" and s.libvirt is None for s in cycle.samples)
+
+
+def test_source_libvirt_sends_no_qmp_command():
+    """libvirt alone: no passthrough (no taint), figures from the bulk call, statuses as the client's."""
+    w = _world(MANY)
+    now = now_for(w.fixtures[0])
+    with _collector(w, source="libvirt") as collector:
+        cycles = [collector.collect() for _ in range(2)]
+    assert w.transport.sent == []
+    assert all("qemuMonitorCommand" not in c.calls for c in cycles)
+    [(_doms, stats, _flags), _] = w.conn.calls_to("domainListGetStats")
+    assert stats == libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_BALLOON
+    for sample in cycles[-1].samples:
+        scenario = sample.domain[len("vbs-tb-rec-"):]
+        alone = World([load(scenario)], now=now).client.sample(sample.domain, source="libvirt")
+        assert sample.status is alone.status, sample.domain
+        assert sample.stats == alone.stats
+        assert sample.source == "libvirt"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(source="virsh"), dict(workers=0), dict(workers=-2), dict(timeout=0), dict(timeout=-1.5)],
+    ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()),
+)
+def test_bad_arguments_are_refused_before_any_call(kwargs):
+    """A bad source, no workers or a deadline of 0 s or less: InvalidArgument, nothing sent."""
+    w = _world(["virtio"])
+    with pytest.raises(InvalidArgument):
+        Collector(clients=[w.client], **kwargs)
+    assert w.conn.calls == [] and w.transport.sent == []
+
+
+# -- life cycle ---------------------------------------------------------------------------------------
+
+
+def test_background_loop_collects_until_stopped():
+    """start() runs cycles in a thread and hands each to on_cycle; stop() ends it; one loop at a time."""
+    w = _world(["virtio-hog", "nostats"])
+    seen: List[Cycle] = []
+    collector = _collector(w)
+    try:
+        collector.start(0.01, on_cycle=seen.append)
+        with pytest.raises(InvalidArgument):
+            collector.start(0.01)
+        assert _wait_for(lambda: len(seen) >= 3)
+    finally:
+        collector.stop()
+    count = len(seen)
+    assert [c.number for c in seen] == list(range(1, count + 1))
+    assert all(by_name(c) == _expected(["virtio-hog", "nostats"]) for c in seen)
+    assert collector.last is seen[-1]
+    assert len(seen) == count  # stop() joined the loop: no cycle after it
+
+
+@pytest.mark.parametrize("interval", [0, -1])
+def test_background_loop_needs_a_positive_interval(interval):
+    """An interval of 0 s or less would spin; refused."""
+    w = _world(["virtio"])
+    with _collector(w) as collector:
+        with pytest.raises(InvalidArgument):
+            collector.start(interval)
+
+
+@pytest.mark.parametrize("close, closed", [(None, False), (True, True), (False, False)])
+def test_stop_closes_only_what_it_is_told_to(close, closed):
+    """A connection handed in stays open on stop() unless close=True."""
+    w = _world(["virtio"])
+    collector = _collector(w)
+    collector.collect()
+    collector.stop(close=close)
+    assert w.conn.closed is closed
+
+
+# -- events -------------------------------------------------------------------------------------------
+
+
+def _events_collector(opener: Opener) -> Collector:
+    return Collector([URI], opener=opener, events=True, timeout=TIMEOUT)
+
+
+def test_events_are_registered_on_the_connection_it_opens():
+    """Lifecycle, device added/removed and balloon events, a close callback and a 5 s keepalive."""
+    opener = Opener(["virtio-hog"])
+    with _events_collector(opener) as collector:
+        collector.collect()
+        conn = opener.worlds[0].conn
+    assert sorted(event for _dom, event in conn.calls_to("domainEventRegisterAny")) == sorted([
+        libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+        libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+        libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+        libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE,
+    ])
+    assert len(conn.calls_to("registerCloseCallback")) == 1
+    assert conn.calls_to("setKeepAlive") == [(5, 3)]
+
+
+def test_with_events_steady_cycles_do_not_list_domains():
+    """The domain list is kept until an event says it changed."""
+    names = ["virtio-hog", "nostats"]
+    opener = Opener(names)
+    with _events_collector(opener) as collector:
+        first = collector.collect()
+        cycles = [collector.collect() for _ in range(2)]
+    assert first.calls["listAllDomains"] == 1
+    for cycle in cycles:
+        assert "listAllDomains" not in cycle.calls
+        assert cycle.calls["domainListGetStats"] == 1
+        assert by_name(cycle) == _expected(names)
+
+
+def test_lifecycle_event_makes_the_next_cycle_list_domains_again():
+    """A started domain is not seen until libvirt says so; then it is read in the next cycle."""
+    names = ["virtio-hog", "nostats", "noos"]
+    opener = Opener(names)
+    with _events_collector(opener) as collector:
+        collector.collect()
+        w = opener.worlds[0]
+        late = _dom(w, "noos")
+        w.conn.destroy(late)
+        w.conn.emit(libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, late, libvirt.VIR_DOMAIN_EVENT_STOPPED, 0)
+        assert late.name() not in by_name(collector.collect())
+        started = FakeDomain(late.fixture, dom_id=late.ID() + 10)
+        w.conn.add(started)
+        assert late.name() not in by_name(collector.collect())
+        event = libvirt.VIR_DOMAIN_EVENT_STARTED
+        assert w.conn.emit(libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, started, event, 0) == 1
+        cycle = collector.collect()
+    assert by_name(cycle) == _expected(names)
+    assert cycle.calls["listAllDomains"] == 1
+
+
+def test_device_event_makes_the_domain_xml_and_qom_path_read_again():
+    """A device added or removed may move the balloon: its XML and QOM path are looked at again."""
+    names = ["virtio-hog", "nostats"]
+    opener = Opener(names)
+    with _events_collector(opener) as collector:
+        collector.collect()
+        w = opener.worlds[0]
+        dom = _dom(w, "virtio-hog")
+        w.conn.emit(libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, dom, "balloon0")
+        cycle = collector.collect()
+    assert by_name(cycle) == _expected(names)
+    assert cycle.calls["XMLDesc"] == 1 and len(dom.calls_to("XMLDesc")) == 2
+    lists = [c for c in w.transport.commands("qom-list", domain=dom.name())
+             if c["arguments"]["path"] == "/machine/peripheral"]
+    assert len(lists) == 2
+
+
+def test_close_callback_makes_the_collector_reconnect_and_register_again():
+    """libvirt says the connection closed: the next cycle opens a new one, with its events."""
+    names = ["virtio-hog"]
+    opener = Opener(names)
+    with _events_collector(opener) as collector:
+        collector.collect()
+        old = opener.worlds[0].conn
+        assert old.emit_close(libvirt.VIR_CONNECT_CLOSE_REASON_EOF) == 1
+        cycle = collector.collect()
+        assert old.closed
+        new = opener.worlds[1].conn
+    assert opener.calls == [URI, URI]
+    assert cycle.hosts[URI].up
+    assert by_name(cycle) == _expected(names)
+    assert len(new.calls_to("registerCloseCallback")) == 1
+
+
+def test_close_callback_with_libvirtd_still_down_says_why():
+    """The reason libvirt gave for the close is in the host's message while it stays down."""
+    names = ["virtio-hog"]
+    opener = Opener(names)
+    with _events_collector(opener) as collector:
+        collector.collect()
+        opener.refuse = 1
+        opener.worlds[0].conn.emit_close(libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE)
+        cycle = collector.collect()
+    _assert_down(cycle, names)
+    assert "libvirt closed the connection: keepalive" in cycle.hosts[URI].message
