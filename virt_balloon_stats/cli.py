@@ -16,16 +16,19 @@ import argparse
 import dataclasses
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TextIO, Tuple
 
 from virt_balloon_stats import __version__
 from virt_balloon_stats.client import BalloonStats
-from virt_balloon_stats.collector import DEFAULT_TIMEOUT, Collector, Cycle
+from virt_balloon_stats.collector import DEFAULT_TIMEOUT, Collector, Cycle, Totals
+from virt_balloon_stats.stream import JsonLines
 from virt_balloon_stats.errors import BalloonStatsError, InvalidArgument
-from virt_balloon_stats.formats import render_json, render_prometheus, render_stats, render_table
+from virt_balloon_stats.formats import render_json, render_stats, render_table
 from virt_balloon_stats.host import Guest, default_uri, silence_libvirt_stderr
 from virt_balloon_stats.nagios import State, render_check
 from virt_balloon_stats.polling import ROUTES, PollingState, validate_interval
@@ -43,6 +46,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_ENABLE_PERIOD = 5
 
 _FORMATS = ("table", "json", "prometheus")
+
+#: The exporter's default port (kept in step with ``exporter.DEFAULT_PORT``,
+#: which needs prometheus_client to import).
+_EXPORTER_PORT = 9474
 
 
 class UsageError(Exception):
@@ -123,7 +130,9 @@ class Run:
 # -- subcommands ----------------------------------------------------------------
 
 
-def _collector(run: Run, *, events: bool = False, timeout: Optional[float] = None) -> Collector:
+def _collector(
+    run: Run, *, events: bool = False, timeout: Optional[float] = None, log_changes: bool = False
+) -> Collector:
     """The collector over the command's URIs and domains (every running one with ``--all``)."""
     args = run.args
     return Collector(
@@ -134,6 +143,7 @@ def _collector(run: Run, *, events: bool = False, timeout: Optional[float] = Non
         events=events,
         readonly=args.readonly,
         grace=getattr(args, "grace", DEFAULT_GRACE_SECONDS),
+        log_changes=log_changes,
     )
 
 
@@ -153,7 +163,7 @@ def _report_cycle(run: Run, cycle: Cycle, reported: Optional[Set[Tuple[str, str,
                 run.report(s.domain, s.uri, s.error)
 
 
-def _sample_all(run: Run) -> List[Sample]:
+def _one_cycle(run: Run) -> Tuple[Cycle, Totals]:
     """One collector cycle: every domain within ``--timeout``, the failures reported."""
     collector = _collector(run)
     try:
@@ -161,17 +171,28 @@ def _sample_all(run: Run) -> List[Sample]:
     finally:
         collector.stop()
     _report_cycle(run, cycle)
-    return list(cycle.samples)
+    return cycle, collector.totals
+
+
+def _sample_all(run: Run) -> List[Sample]:
+    return list(_one_cycle(run)[0].samples)
 
 
 def cmd_stats(run: Run) -> int:
     """Print every figure of the domains, with libvirt's beside it."""
-    samples = _sample_all(run)
     fmt = run.args.format
+    if fmt == "prometheus" or run.args.textfile:
+        from virt_balloon_stats import metrics  # needs the 'exporter' extra
+
+        cycle, totals = _one_cycle(run)
+        if run.args.textfile:
+            metrics.write_textfile(run.args.textfile, cycle, totals)
+        else:
+            run.write(metrics.render(cycle, totals))
+        return EXIT_FAILED if run.failed else EXIT_OK
+    samples = _sample_all(run)
     if fmt == "json":
         run.write(render_json([s.to_dict() for s in samples]))
-    elif fmt == "prometheus":
-        run.write(render_prometheus(samples, run.hosts))
     else:
         run.write(render_stats(samples, raw_bytes=run.args.bytes, show_uri=run.several_hosts))
     return EXIT_FAILED if run.failed else EXIT_OK
@@ -380,6 +401,81 @@ def cmd_watch(run: Run) -> int:
     return EXIT_FAILED if run.failed or not frames else EXIT_OK
 
 
+def cmd_stream(run: Run) -> int:
+    """JSON Lines: one document per domain per cycle, until SIGTERM, Ctrl-C or a closed pipe."""
+    args = run.args
+    collector = _collector(run, events=True, timeout=args.timeout or args.interval, log_changes=True)
+    lines = JsonLines(collector, run.out)
+    reported: Set[Tuple[str, str, str]] = set()
+
+    def on_cycle(cycle: Cycle) -> None:
+        _report_cycle(run, cycle, reported)
+        lines(cycle)
+
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: collector.request_stop())
+    try:
+        collector.run(args.interval, on_cycle, count=args.count)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        collector.stop()
+    if lines.closed:
+        return EXIT_OK  # the reader went away: that is how a pipe ends
+    return EXIT_FAILED if run.failed and not lines.lines else EXIT_OK
+
+
+def cmd_exporter(run: Run) -> int:
+    """Serve Prometheus metrics from a background collector until SIGTERM or Ctrl-C."""
+    args = run.args
+    if args.hash_password:
+        password = sys.stdin.readline().rstrip("\n")
+        if not password:
+            raise UsageError("give the password on stdin")
+        run.write(exporter_module().hash_password(password))
+        return EXIT_OK
+    exporter_mod = exporter_module()
+    config = exporter_mod.ExporterConfig(
+        listen=args.listen,
+        interval=args.interval,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        basic_auth_file=args.basic_auth_file,
+    )
+    collector = _collector(run, events=True, timeout=args.timeout or args.interval, log_changes=True)
+    exporter = exporter_mod.Exporter(collector, config)
+    done = threading.Event()
+
+    def reload(_signum: int, _frame: object) -> None:
+        try:
+            exporter.reload()
+            LOG.info("reloaded the TLS certificate and the basic-auth file")
+        except BalloonStatsError as err:
+            LOG.error("reload failed, keeping the old ones: %s", err)
+
+    handlers = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda _signum, _frame: done.set()),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda _signum, _frame: done.set()),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, reload),
+    }
+    try:
+        exporter.start()
+        while not done.wait(1.0):
+            pass
+    finally:
+        exporter.stop()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
+
+
+def exporter_module() -> Any:
+    """The exporter module, imported only by the commands that need ``prometheus_client``."""
+    from virt_balloon_stats import exporter
+
+    return exporter
+
+
 def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
     """Re-arm the stats timer of stale domains, then show whether they answer again."""
     args = run.args
@@ -550,6 +646,13 @@ _EXAMPLES = {
     "check": ("check --all", "check --max-age 60 web1 db1"),
     "watch": ("watch --all", "watch --interval 5 web1 db1"),
     "rearm": ("rearm --all", "rearm --force web1"),
+    "stream": ("stream --all --interval 10", "stream --count 1 web1 | jq .status"),
+    "exporter": (
+        "exporter",
+        "exporter --listen [::1]:9474 --interval 30",
+        "exporter --listen 0.0.0.0:9474 --tls-cert cert.pem --tls-key key.pem --basic-auth-file users",
+        "exporter --hash-password < password.txt",
+    ),
 }
 
 
@@ -594,6 +697,12 @@ def build_parser() -> argparse.ArgumentParser:
     _timeout(p)
     p.add_argument(
         "--bytes", action="store_true", help="raw numbers (bytes, and libvirt's KiB) instead of MiB/GiB"
+    )
+    p.add_argument(
+        "--textfile",
+        metavar="PATH",
+        help="write the Prometheus format to PATH, replaced atomically (node_exporter's textfile "
+        "collector); prints nothing",
     )
 
     p = command(
@@ -702,11 +811,65 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="longest wait for the guest to answer, 0 to not wait (default: 30)",
     )
+    p = command(
+        "stream",
+        cmd_stream,
+        "JSON Lines, one per domain per cycle",
+        "Print one JSON document per domain (the one 'stats --format json' prints) per line, every "
+        "--interval seconds, each line flushed. A long-running collector: domains come and go, a "
+        "hung QEMU is one unresponsive line, a libvirtd restart makes unreachable lines until it "
+        "answers again. SIGTERM ends it after the current line; a closed pipe ends it with status 0.",
+    )
+    _domains(p)
+    _source(p)
+    _grace(p)
+    p.add_argument(
+        "--interval", type=_positive, default=10.0, metavar="S", help="seconds between cycles (default: 10)"
+    )
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N cycles (default: never)")
+    _timeout(p, None)
+
+    p = command(
+        "exporter",
+        cmd_exporter,
+        "Prometheus exporter",
+        "Collect every --interval seconds in the background and serve the last cycle at /metrics; a "
+        "scrape never waits on libvirt. Listens on loopback unless --listen says otherwise. Without "
+        "DOMAIN, every running domain. SIGTERM stops it; SIGHUP re-reads the TLS certificate and "
+        "the basic-auth file.",
+    )
+    _domains(p)
+    _source(p)
+    _grace(p)
+    p.add_argument(
+        "--listen",
+        default=f"127.0.0.1:{_EXPORTER_PORT}",
+        metavar="HOST:PORT",
+        help=f"address to serve on, [IPV6]:PORT for IPv6 (default: 127.0.0.1:{_EXPORTER_PORT})",
+    )
+    p.add_argument(
+        "--interval", type=_positive, default=15.0, metavar="S", help="seconds between cycles (default: 15)"
+    )
+    _timeout(p, None)
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument(
+        "--basic-auth-file",
+        metavar="PATH",
+        help="require basic auth: USER:HASH lines, HASH from --hash-password (file mode 0600)",
+    )
+    p.add_argument(
+        "--hash-password",
+        action="store_true",
+        help="read a password on stdin, print its hash for --basic-auth-file, and exit",
+    )
     return parser
 
 
 def _validate(args: argparse.Namespace) -> None:
     domains = getattr(args, "domains", None)
+    if args.command == "exporter" and not domains:
+        args.all = True  # without names, an exporter serves every running domain
     if domains is not None and hasattr(args, "all"):
         if args.all and domains:
             raise UsageError("give domains or --all, not both")
@@ -716,7 +879,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("name at least one domain")
     if args.format == "prometheus" and args.command != "stats":
         raise UsageError("--format prometheus applies to 'stats' only")
-    if args.format != "table" and args.command in ("check", "watch"):
+    if getattr(args, "textfile", None) and args.format == "json":
+        raise UsageError("--textfile writes the Prometheus format; drop --format json")
+    if args.format != "table" and args.command in ("check", "watch", "stream", "exporter"):
         raise UsageError(f"'{args.command}' has its own output; --format does not apply")
     if args.readonly and args.command in ("period", "enable", "disable", "path", "rearm"):
         raise UsageError(
@@ -732,8 +897,11 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     parser = build_parser()
     args = parser.parse_args(argv)
     args.connect = (args.connect or []) + (getattr(args, "connect_after", None) or []) or None
+    # The long-running commands log their state changes (one line each, not per cycle).
+    service = args.command in ("exporter", "stream")
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.debug else logging.INFO if service else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
     )
     silence_libvirt_stderr()
     try:

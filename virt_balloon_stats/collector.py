@@ -342,20 +342,27 @@ class Collector:
                 next_at = now  # overran: start the next cycle at once, skip the missed ticks
             self._stop.wait(next_at - now)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`request_stop` (or :meth:`stop`) was called."""
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         """Make :meth:`run` return after the cycle in progress; safe in a signal handler."""
         self._stop.set()
 
-    def stop(self, *, close: Optional[bool] = None) -> None:
+    def stop(self, *, close: Optional[bool] = None, wait: Optional[float] = 5.0) -> None:
         """Stop the background loop and close the connections this collector opened.
 
-        Does not wait for calls stuck on a hung QEMU: their daemon threads
-        are abandoned. ``close=False`` leaves every connection open.
+        Waits up to ``wait`` seconds for a cycle in progress, and not at all
+        for calls stuck on a hung QEMU: their daemon threads are abandoned.
+        ``close=False`` leaves every connection open. A stopped collector
+        cannot be started again.
         """
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            thread.join(wait)
         self._pool.shutdown()
         for session in self._sessions:
             session.bulk_pool.shutdown()

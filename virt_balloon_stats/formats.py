@@ -1,4 +1,7 @@
-"""Render samples for people (tables), scripts (JSON) and Prometheus (text format).
+"""Render samples for people (tables) and scripts (JSON).
+
+Prometheus' text format is :mod:`virt_balloon_stats.metrics`'s, on
+``prometheus_client``.
 
 Pure: samples in, text out. Memory is shown in binary units (KiB, MiB, GiB)
 as ``virsh`` and ``free -h`` do, unless the caller asks for raw numbers.
@@ -8,8 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from virt_balloon_stats.crosscheck import Verdict
 from virt_balloon_stats.sample import Sample
@@ -21,8 +23,6 @@ __all__ = [
     "render_table",
     "render_stats",
     "render_json",
-    "metric_name",
-    "render_prometheus",
 ]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -160,117 +160,3 @@ def render_stats(samples: Sequence[Sample], *, raw_bytes: bool = False, show_uri
 def render_json(documents: Sequence[Dict[str, Any]]) -> str:
     """A JSON array, one object per domain, even for one domain."""
     return json.dumps(list(documents), indent=2, sort_keys=False)
-
-
-# -- Prometheus text format ----------------------------------------------------
-
-_PREFIX = "virt_balloon"
-
-
-def metric_name(spec: StatSpec) -> str:
-    """``stat-free-memory`` -> ``virt_balloon_free_memory_bytes``; counters end in ``_total``."""
-    base = re.sub(r"[^a-zA-Z0-9_]", "_", spec.qemu.removeprefix("stat-"))
-    name = f"{_PREFIX}_{base}"
-    if spec.unit == "bytes":
-        name += "_bytes"
-    if spec.cumulative:
-        name += "_total"
-    return name
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(sample: Sample, **extra: str) -> str:
-    pairs = {"uri": sample.uri, "domain": sample.domain, "uuid": sample.uuid, **extra}
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items()) + "}"
-
-
-def render_prometheus(samples: Sequence[Sample], hosts: Optional[Mapping[str, bool]] = None) -> str:
-    """Prometheus text exposition format (for node_exporter's textfile collector).
-
-    Unsupported figures are left out, never exported as 0. Figures from a
-    newer QEMU that this package does not know go to ``virt_balloon_guest_stat``
-    with a ``stat`` label. ``hosts`` (URI to "could connect") becomes
-    ``virt_balloon_up``, so an empty scrape is told apart from a dead libvirtd.
-    """
-    families: Dict[str, Tuple[str, str, List[str]]] = {}
-
-    def add(name: str, kind: str, help_text: str, line: str) -> None:
-        families.setdefault(name, (kind, help_text, []))[2].append(line)
-
-    for uri, up in (hosts or {}).items():
-        add(
-            f"{_PREFIX}_up",
-            "gauge",
-            "1 when the libvirt connection could be opened, else 0",
-            f'{_PREFIX}_up{{uri="{_escape(uri)}"}} {int(up)}',
-        )
-
-    for s in samples:
-        for st in Status:
-            add(
-                f"{_PREFIX}_status",
-                "gauge",
-                "1 for the domain's current status, else 0",
-                f"{_PREFIX}_status{_labels(s, status=st.value)} {int(s.status is st)}",
-            )
-        if s.stats:
-            order = {spec.qemu: i for i, spec in enumerate(STATS)}
-            for name, value in sorted(s.stats.values.items(), key=lambda kv: order.get(kv[0], len(order))):
-                if value is None:
-                    continue
-                spec = STATS_BY_QEMU_NAME.get(name)
-                if spec is None:
-                    add(
-                        f"{_PREFIX}_guest_stat",
-                        "gauge",
-                        "guest stat unknown to this version, in QEMU's unit",
-                        f"{_PREFIX}_guest_stat{_labels(s, stat=name)} {value}",
-                    )
-                    continue
-                metric = metric_name(spec)
-                add(
-                    metric,
-                    "counter" if spec.cumulative else "gauge",
-                    f"{spec.help} ({spec.qemu})",
-                    f"{metric}{_labels(s)} {value}",
-                )
-            if s.last_update is not None:
-                add(
-                    f"{_PREFIX}_last_update_seconds",
-                    "gauge",
-                    "epoch seconds of the guest's last answer",
-                    f"{_PREFIX}_last_update_seconds{_labels(s)} {s.last_update}",
-                )
-        if s.actual_bytes is not None:
-            add(
-                f"{_PREFIX}_actual_bytes",
-                "gauge",
-                ACTUAL.help,
-                f"{_PREFIX}_actual_bytes{_labels(s)} {s.actual_bytes}",
-            )
-        interval = (
-            s.polling.qemu_interval if s.polling.qemu_interval is not None else s.polling.libvirt_period
-        )
-        if interval is not None:
-            add(
-                f"{_PREFIX}_polling_interval_seconds",
-                "gauge",
-                "guest-stats polling interval, 0 = disabled",
-                f"{_PREFIX}_polling_interval_seconds{_labels(s)} {interval}",
-            )
-        if s.crosscheck.checked:
-            add(
-                f"{_PREFIX}_crosscheck_mismatches",
-                "gauge",
-                "figures where QEMU and libvirt disagree",
-                f"{_PREFIX}_crosscheck_mismatches{_labels(s)} {len(s.crosscheck.mismatches)}",
-            )
-    out = []
-    for name, (kind, help_text, lines) in families.items():
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        out.extend(lines)
-    return "\n".join(out) + "\n"

@@ -1,0 +1,222 @@
+"""The Prometheus metrics: one place that names them, on ``prometheus_client``.
+
+The exporter, ``stats --format prometheus`` and ``stats --textfile`` all
+serve the same families from a collector :class:`~virt_balloon_stats.collector.Cycle`,
+so a textfile for node_exporter and a scrape of the exporter are
+interchangeable. :class:`CycleMetrics` is a custom ``prometheus_client``
+collector: it turns the last finished cycle into metric families when
+scraped and makes no libvirt call itself, so a slow or hung hypervisor
+never makes a scrape slow.
+
+Names follow Prometheus' conventions: base units (``_bytes``, ``_seconds``),
+``_total`` only on counters, and every series labelled with the ``uri`` it
+was read through (so several ``-c`` URIs never collide). Unsupported figures
+are left out, never exported as 0.
+
+``prometheus_client`` is the optional extra ``exporter``; importing this
+module without it raises an :class:`~virt_balloon_stats.errors.InvalidArgument`
+that says how to install it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+from virt_balloon_stats.collector import Cycle, Totals
+from virt_balloon_stats.errors import InvalidArgument
+from virt_balloon_stats.sample import Sample
+from virt_balloon_stats.stats import ACTUAL, STATS, STATS_BY_QEMU_NAME, StatSpec, Status
+
+try:
+    from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+except ImportError as _err:  # pragma: no cover - exercised only without the extra
+    raise InvalidArgument(
+        "Prometheus output needs prometheus_client: pip install 'virt_balloon_stats[exporter]' "
+        "(Debian: apt install python3-prometheus-client)"
+    ) from _err
+
+__all__ = ["PREFIX", "metric_name", "CycleMetrics", "registry_for", "render", "write_textfile"]
+
+PREFIX = "virt_balloon"
+
+_DOMAIN_LABELS = ("uri", "domain", "uuid")
+
+
+def metric_name(spec: StatSpec) -> str:
+    """``stat-free-memory`` -> ``virt_balloon_free_memory_bytes``; counters end in ``_total``."""
+    base = re.sub(r"[^a-zA-Z0-9_]", "_", spec.qemu.removeprefix("stat-"))
+    name = f"{PREFIX}_{base}"
+    if spec.unit == "bytes":
+        name += "_bytes"
+    if spec.cumulative:
+        name += "_total"
+    return name
+
+
+class _Families:
+    """Metric families by name, created on first use, in the order first used."""
+
+    def __init__(self) -> None:
+        self._by_name: Dict[str, Metric] = {}
+
+    def gauge(self, name: str, help_text: str, labels: Sequence[str]) -> GaugeMetricFamily:
+        family = self._by_name.get(name)
+        if family is None:
+            family = self._by_name[name] = GaugeMetricFamily(name, help_text, labels=list(labels))
+        assert isinstance(family, GaugeMetricFamily)
+        return family
+
+    def counter(self, name: str, help_text: str, labels: Sequence[str]) -> CounterMetricFamily:
+        family = self._by_name.get(name)
+        if family is None:
+            family = self._by_name[name] = CounterMetricFamily(name, help_text, labels=list(labels))
+        assert isinstance(family, CounterMetricFamily)
+        return family
+
+    def __iter__(self) -> Iterator[Metric]:
+        return iter(self._by_name.values())
+
+
+def _domain_metrics(families: _Families, s: Sample) -> None:
+    """Every figure of one domain: status one-hot, stats, last update, actual, interval, cross-check."""
+    ids = [s.uri, s.domain, s.uuid]
+    status = families.gauge(
+        f"{PREFIX}_status", "1 for the domain's current status, else 0", _DOMAIN_LABELS + ("status",)
+    )
+    for st in Status:
+        status.add_metric(ids + [st.value], int(s.status is st))
+    if s.stats:
+        order = {spec.qemu: i for i, spec in enumerate(STATS)}
+        for name, value in sorted(s.stats.values.items(), key=lambda kv: order.get(kv[0], len(order))):
+            if value is None:
+                continue
+            spec = STATS_BY_QEMU_NAME.get(name)
+            if spec is None:
+                families.gauge(
+                    f"{PREFIX}_guest_stat",
+                    "guest stat unknown to this version, in QEMU's unit",
+                    _DOMAIN_LABELS + ("stat",),
+                ).add_metric(ids + [name], value)
+                continue
+            help_text = f"{spec.help} ({spec.qemu})"
+            if spec.cumulative:
+                families.counter(metric_name(spec), help_text, _DOMAIN_LABELS).add_metric(ids, value)
+            else:
+                families.gauge(metric_name(spec), help_text, _DOMAIN_LABELS).add_metric(ids, value)
+        if s.last_update is not None:
+            families.gauge(
+                f"{PREFIX}_last_update_seconds", "epoch seconds of the guest's last answer", _DOMAIN_LABELS
+            ).add_metric(ids, s.last_update)
+    if s.actual_bytes is not None:
+        families.gauge(f"{PREFIX}_actual_bytes", ACTUAL.help, _DOMAIN_LABELS).add_metric(ids, s.actual_bytes)
+    interval = s.polling.qemu_interval if s.polling.qemu_interval is not None else s.polling.libvirt_period
+    if interval is not None:
+        families.gauge(
+            f"{PREFIX}_polling_interval_seconds", "guest-stats polling interval, 0 = disabled", _DOMAIN_LABELS
+        ).add_metric(ids, interval)
+    if s.crosscheck.checked:
+        families.gauge(
+            f"{PREFIX}_crosscheck_mismatches", "figures where QEMU and libvirt disagree", _DOMAIN_LABELS
+        ).add_metric(ids, len(s.crosscheck.mismatches))
+    families.gauge(
+        f"{PREFIX}_sample_timestamp_seconds", "epoch seconds when this domain was read", _DOMAIN_LABELS
+    ).add_metric(ids, round(s.sampled_at, 3))
+
+
+def _self_metrics(families: _Families, cycle: Cycle, totals: Optional[Totals]) -> None:
+    """How the collector itself is doing: per URI, per cycle, and over its life."""
+    for uri, host in cycle.hosts.items():
+        families.gauge(
+            f"{PREFIX}_up", "1 when the libvirt connection answered in the last cycle, else 0", ("uri",)
+        ).add_metric([uri], int(host.up))
+        by_status = families.gauge(
+            f"{PREFIX}_domains", "domains by status in the last cycle", ("uri", "status")
+        )
+        counts = {st.value: 0 for st in Status}
+        for s in cycle.samples:
+            if s.uri == uri:
+                counts[s.status.value] += 1
+        for status, count in counts.items():
+            by_status.add_metric([uri, status], count)
+    families.gauge(
+        f"{PREFIX}_cycle_duration_seconds", "how long the last cycle took", ()
+    ).add_metric([], round(cycle.duration, 6))
+    families.gauge(
+        f"{PREFIX}_cycle_timestamp_seconds", "epoch seconds when the served cycle began", ()
+    ).add_metric([], round(cycle.started_at, 3))
+    if totals is None:
+        return
+    families.counter(f"{PREFIX}_cycles_total", "cycles run", ()).add_metric([], totals.cycles)
+    calls = families.counter(f"{PREFIX}_libvirt_calls_total", "libvirt round trips made, by call", ("call",))
+    for call, count in sorted(totals.calls.items()):
+        calls.add_metric([call], count)
+    errors = families.counter(
+        f"{PREFIX}_errors_total", "failures by kind (exception, or unresponsive)", ("kind",)
+    )
+    for kind, count in sorted(totals.errors.items()):
+        errors.add_metric([kind], count)
+    for uri, when in sorted(totals.last_up.items()):
+        families.gauge(
+            f"{PREFIX}_last_success_timestamp_seconds",
+            "epoch seconds when the last cycle in which this URI answered began",
+            ("uri",),
+        ).add_metric([uri], round(when, 3))
+
+
+def families_of(cycle: Optional[Cycle], totals: Optional[Totals] = None) -> List[Metric]:
+    """The metric families of one cycle (none before the first)."""
+    families = _Families()
+    if cycle is not None:
+        _self_metrics(families, cycle, totals)
+        for s in cycle.samples:
+            _domain_metrics(families, s)
+    return list(families)
+
+
+class CycleMetrics:
+    """A ``prometheus_client`` custom collector serving the last cycle.
+
+    :param cycle: Returns the cycle to serve (``Collector.last``); called at
+        each scrape, never blocks.
+    :param totals: Returns the collector's totals, for the self-metrics.
+    """
+
+    def __init__(
+        self, cycle: Callable[[], Optional[Cycle]], totals: Optional[Callable[[], Totals]] = None
+    ) -> None:
+        self._cycle = cycle
+        self._totals = totals
+
+    def collect(self) -> Iterator[Metric]:
+        """The families, built from the cycle as it is now."""
+        yield from families_of(self._cycle(), self._totals() if self._totals else None)
+
+    def describe(self) -> List[Metric]:
+        """Nothing up front: the series depend on the domains running."""
+        return []
+
+
+def registry_for(metrics: CycleMetrics) -> CollectorRegistry:
+    """A registry of its own (never the global one) holding only ``metrics``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics)
+    return registry
+
+
+def render(cycle: Cycle, totals: Optional[Totals] = None) -> str:
+    """The text exposition format of one cycle."""
+    return generate_latest(registry_for(CycleMetrics(lambda: cycle, lambda: totals or Totals()))).decode()
+
+
+def write_textfile(path: str, cycle: Cycle, totals: Optional[Totals] = None) -> None:
+    """Write one cycle for node_exporter's textfile collector, replacing ``path`` atomically.
+
+    :raise InvalidArgument: When the file cannot be written.
+    """
+    registry = registry_for(CycleMetrics(lambda: cycle, lambda: totals or Totals()))
+    try:
+        write_to_textfile(path, registry)
+    except OSError as err:
+        raise InvalidArgument(f"cannot write {path}: {err.strerror or err}") from err
