@@ -8,12 +8,13 @@ the test; elsewhere it is skipped with the command that brings it up.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 import libvirt
 import pytest
@@ -49,16 +50,45 @@ def _silence_libvirt() -> None:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
+class Connection:
+    """The session's libvirt connection, opened again when a test restarted libvirtd.
+
+    Fault tests stop and start libvirtd; running domains survive that, but a
+    connection does not, and the tests after them need a live one.
+    """
+
+    def __init__(self) -> None:
+        self._conn: "Optional[libvirt.virConnect]" = None
+
+    def get(self) -> "libvirt.virConnect":
+        if self._conn is not None and self._conn.isAlive() == 1:
+            return self._conn
+        try:
+            self._conn = libvirt.open(URI)
+        except libvirt.libvirtError as err:
+            _unreachable(str(err))
+            raise
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+
+
 @pytest.fixture(scope="session")
-def conn() -> Iterator["libvirt.virConnect"]:
-    """A read-write connection to the testbed's libvirtd."""
-    try:
-        c = libvirt.open(URI)
-    except libvirt.libvirtError as err:
-        _unreachable(str(err))
-        raise
-    yield c
-    c.close()
+def libvirt_conn() -> Iterator[Connection]:
+    """The testbed's libvirtd must answer; tests take a live connection from here."""
+    holder = Connection()
+    holder.get()
+    yield holder
+    holder.close()
+
+
+@pytest.fixture
+def conn(libvirt_conn: Connection) -> "libvirt.virConnect":
+    """A read-write connection to the testbed's libvirtd, live at the start of the test."""
+    return libvirt_conn.get()
 
 
 def _name(tag: str) -> str:
@@ -87,7 +117,7 @@ class Domains:
 
 
 @pytest.fixture(scope="session")
-def session_domains(conn: "libvirt.virConnect") -> Iterator[Domains]:
+def session_domains(libvirt_conn: Connection) -> Iterator[Domains]:
     d = Domains()
     yield d
     d.destroy_all()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import TCP_URI, URI, wait_for
 from virt_balloon_stats.cli import DEFAULT_ENABLE_PERIOD
@@ -164,7 +165,7 @@ def _installed_cli() -> None:
 
 
 @pytest.fixture(scope="module")
-def tcp_uri(conn: Any) -> str:
+def tcp_uri(libvirt_conn: Any) -> str:
     """The testbed daemon over TCP (``vbs-testbed up --tcp``): fail under CI, else skip."""
     proc = subprocess.run(["virsh", "-c", TCP_URI, "uri"], capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
@@ -282,17 +283,12 @@ def test_stats_table_shows_libvirt_beside_qemu(driver_guest):
 
 
 def _metrics(text: str) -> Dict[Tuple[str, str], float]:
-    """Prometheus text format: (metric name, labels) -> value; every family declared before use."""
-    declared = set()
+    """Prometheus text format, read by prometheus_client's parser: (sample name, labels) -> value."""
     samples = {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            declared.add(line.split()[2])
-        elif line and not line.startswith("#"):
-            match = re.fullmatch(r"([a-z_]+)(\{.*\}) (\S+)", line)
-            assert match, line
-            assert match.group(1) in declared, f"{match.group(1)} used before its # TYPE"
-            samples[(match.group(1), match.group(2))] = float(match.group(3))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[(sample.name, "{" + labels + "}")] = float(sample.value)
     return samples
 
 

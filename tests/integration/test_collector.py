@@ -62,7 +62,7 @@ def create_many(domains: Domains, count: int, variant: str, tag: str, *options: 
 
 
 @pytest.fixture(scope="module")
-def four_guests(conn) -> Iterator[List[str]]:
+def four_guests(libvirt_conn) -> Iterator[List[str]]:
     """Four real guests whose balloon driver answers (stats period 2)."""
     domains = Domains()
     try:
