@@ -271,6 +271,7 @@ class Collector:
         self._last: Optional[Cycle] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._thread_abandoned: Optional[threading.Thread] = None
         self._on_state: Dict[Tuple[str, str], str] = {}
         self._interval: Optional[float] = None  # set by run()
         if events:
@@ -329,18 +330,24 @@ class Collector:
         self._interval = interval
         next_at = time.monotonic()
         done = 0
-        while not self._stop.is_set():
-            cycle = self.collect(timeout=deadline)
-            done += 1
-            if on_cycle is not None:
-                on_cycle(cycle)
-            if count and done >= count:
-                return
-            next_at += interval
-            now = time.monotonic()
-            if next_at < now:
-                next_at = now  # overran: start the next cycle at once, skip the missed ticks
-            self._stop.wait(next_at - now)
+        try:
+            while not self._stop.is_set():
+                cycle = self.collect(timeout=deadline)
+                done += 1
+                if self._stop.is_set() and threading.current_thread() is self._thread_abandoned:
+                    return  # stop() has given up waiting for this cycle: nobody wants it
+                if on_cycle is not None:
+                    on_cycle(cycle)
+                if count and done >= count:
+                    return
+                next_at += interval
+                now = time.monotonic()
+                if next_at < now:
+                    next_at = now  # overran: start the next cycle at once, skip the missed ticks
+                self._stop.wait(next_at - now)
+        finally:
+            if threading.current_thread() is self._thread_abandoned:
+                self._shutdown_pools()
 
     @property
     def stopping(self) -> bool:
@@ -363,12 +370,21 @@ class Collector:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(wait)
-        self._pool.shutdown()
+            if thread.is_alive():
+                # A cycle is still waiting on libvirt: its thread shuts the
+                # pools down itself when it ends, and reports nothing more.
+                self._thread_abandoned = thread
+        if self._thread_abandoned is None or not self._thread_abandoned.is_alive():
+            self._shutdown_pools()
         for session in self._sessions:
-            session.bulk_pool.shutdown()
             if session.client is not None and (close if close is not None else session.owned):
                 session.client.close()
                 session.client = None
+
+    def _shutdown_pools(self) -> None:
+        self._pool.shutdown()
+        for session in self._sessions:
+            session.bulk_pool.shutdown()
 
     # -- one cycle -------------------------------------------------------------
 

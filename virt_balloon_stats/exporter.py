@@ -27,11 +27,12 @@ import http.server
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import socket
 import ssl
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from prometheus_client.exposition import choose_encoder
 
@@ -73,14 +74,16 @@ _LANDING = b"""<!DOCTYPE html>
 def parse_listen(text: str) -> Tuple[str, int]:
     """``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (every address) -> (host, port).
 
-    :raise InvalidArgument: For anything else, or a port outside 1-65535.
+    Port 0 asks the kernel for any free port (:attr:`Exporter.port` then says which).
+
+    :raise InvalidArgument: For anything else, or a port over 65535.
     """
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port_text):
         raise InvalidArgument(f"--listen wants HOST:PORT or [IPV6]:PORT, not {text!r}")
     port = int(port_text)
-    if not 0 < port < 65536:
-        raise InvalidArgument(f"port {port} is not between 1 and 65535")
+    if port > 65535:
+        raise InvalidArgument(f"port {port} is not between 0 (any free port) and 65535")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         try:
@@ -165,6 +168,16 @@ class ExporterConfig:
     basic_auth_file: Optional[str] = None
 
 
+def _accepts_gzip(header: str) -> bool:
+    """Whether an ``Accept-Encoding`` header allows gzip (``gzip;q=0`` does not)."""
+    for item in header.split(","):
+        token, _, params = item.strip().partition(";")
+        if token.strip().lower() in ("gzip", "*"):
+            quality = params.strip().lower()
+            return not re.fullmatch(r"q=0(\.0*)?", quality.replace(" ", ""))
+    return False
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -188,8 +201,12 @@ class _Server(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
     server_version = "virt-balloon-stats"
-    sys_version = ""
-    protocol_version = "HTTP/1.1"
+    # One request per connection: a scrape every few seconds gains nothing from
+    # keep-alive, and stop() then leaves no connection being served.
+    protocol_version = "HTTP/1.0"
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def setup(self) -> None:
         super().setup()
@@ -197,7 +214,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.request.do_handshake()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        LOG.debug("%s %s", self.address_string(), format % args)
+        LOG.debug("%s %r", self.address_string(), format % args)  # repr: control characters escaped
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """Errors say only their status: nothing of the request comes back."""
@@ -236,9 +253,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             body = encoder(exporter.registry)
-            if "gzip" in self.headers.get("Accept-Encoding", ""):
-                body = gzip.compress(body)
-                self._send(body, content_type, head, encoding="gzip")
+            if _accepts_gzip(self.headers.get("Accept-Encoding", "")):
+                self._send(gzip.compress(body), content_type, head, encoding="gzip")
             else:
                 self._send(body, content_type, head)
         elif path == "/":
@@ -249,6 +265,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _send(self, body: bytes, content_type: str, head: bool, encoding: str = "") -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
+        self.send_header("Vary", "Accept-Encoding")
         if encoding:
             self.send_header("Content-Encoding", encoding)
         self.send_header("Content-Length", str(len(body)))
@@ -276,7 +293,8 @@ class Exporter:
         self.registry = registry_for(CycleMetrics(lambda: collector.last, lambda: collector.totals))
         self.tls: Optional[ssl.SSLContext] = None
         self._users: Dict[str, str] = {}
-        self._verified: Dict[Tuple[str, str], bool] = {}
+        self._verified: Set[Tuple[str, str]] = set()  # right credentials only: bounded by the users
+        self._dummy = hash_password(secrets.token_urlsafe())  # checked for unknown users
         self._lock = threading.Lock()
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
@@ -304,7 +322,7 @@ class Exporter:
                 raise InvalidArgument(f"cannot load the TLS certificate and key: {err}") from err
         users = load_users(self.config.basic_auth_file) if self.config.basic_auth_file else {}
         with self._lock:
-            self.tls, self._users, self._verified = tls, users, {}
+            self.tls, self._users, self._verified = tls, users, set()
 
     def authorized(self, header: Optional[str]) -> bool:
         """Whether a request's ``Authorization`` header passes (always, without an auth file)."""
@@ -320,16 +338,17 @@ class Exporter:
             return False
         encoded = users.get(user)
         if encoded is None:
-            check_password(password, hash_password("", b"\0" * 16))  # same time for unknown users
+            check_password(password, self._dummy)  # one scrypt run, as for a known user
             return False
         key = (user, hashlib.sha256(password.encode()).hexdigest())
         with self._lock:
-            known = self._verified.get(key)
-        if known is None:
-            known = check_password(password, encoded)
-            with self._lock:
-                self._verified[key] = known
-        return known
+            if key in self._verified:
+                return True
+        if not check_password(password, encoded):
+            return False  # every wrong guess costs a full scrypt run
+        with self._lock:
+            self._verified.add(key)
+        return True
 
     def start(self) -> None:
         """Bind, start the collector, and serve in a background thread.

@@ -1,0 +1,393 @@
+"""virt_balloon_stats.metrics: the Prometheus families of a collector cycle.
+
+Every cycle is a real :class:`~virt_balloon_stats.collector.Collector`'s over
+fake libvirt domains and recorded QMP replies, and every exposition is read
+back with ``prometheus_client``'s own parser, so a test fails on what
+Prometheus itself would reject or misread, not on a hand-written regex.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.unit.conftest import URI, World, load, now_for
+from virt_balloon_stats import cli
+from virt_balloon_stats.client import BalloonStats
+from virt_balloon_stats.collector import Collector, Cycle, Totals
+from virt_balloon_stats.errors import InvalidArgument
+from virt_balloon_stats.host import Host
+from virt_balloon_stats.metrics import (
+    CycleMetrics,
+    families_of,
+    metric_name,
+    registry_for,
+    render,
+    write_textfile,
+)
+from virt_balloon_stats.stats import ACTUAL, STATS, STATS_BY_QEMU_NAME, StatSpec, Status
+from virt_balloon_stats.transport import QMPClient
+
+TIMEOUT = 5.0
+
+#: A fixed collector clock, so the cycle's own timestamps are known exactly.
+STARTED_AT = 1795661200.123456
+
+OTHER_URI = "qemu+ssh://other.example/system"
+
+#: Labels of every series about one domain.
+DOMAIN_LABELS = {"uri", "domain", "uuid"}
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _world(names: List[str], rename: Optional[Dict[str, str]] = None) -> World:
+    """A World over recorded scenarios (optionally renaming domains), clock pinned for the first."""
+    fixtures = [load(n) for n in names]
+    for fixture in fixtures:
+        if rename and fixture["scenario"] in rename:
+            fixture["domain"]["name"] = rename[fixture["scenario"]]
+    return World(fixtures, now=now_for(fixtures[0]))
+
+
+def _collect(w: World, **kwargs: Any) -> Tuple[Cycle, Totals]:
+    """One real collector cycle over the world; the collector's totals with it."""
+    kwargs.setdefault("timeout", TIMEOUT)
+    kwargs.setdefault("clock", lambda: STARTED_AT)
+    with Collector(clients=[w.client], **kwargs) as collector:
+        cycle = collector.collect()
+    return cycle, collector.totals
+
+
+def _cycle(names: List[str], **kwargs: Any) -> Tuple[Cycle, Totals]:
+    return _collect(_world(names), **kwargs)
+
+
+def _families(text: str) -> Dict[str, Any]:
+    """The parsed families by name; a family named twice fails the test."""
+    families: Dict[str, Any] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name not in families, f"family {family.name} given twice"
+        families[family.name] = family
+    return families
+
+
+def _samples(text: str) -> List[Tuple[str, Dict[str, str], float]]:
+    """Every sample of an exposition, as (sample name, labels, value)."""
+    families = text_string_to_metric_families(text)
+    return [(s.name, dict(s.labels), s.value) for f in families for s in f.samples]
+
+
+def _of(parsed: List[Tuple[str, Dict[str, str], float]], name: str) -> List[Tuple[Dict[str, str], float]]:
+    return [(labels, value) for n, labels, value in parsed if n == name]
+
+
+def _libvirt_calls(w: World) -> int:
+    """Every call that reached the fake libvirt: connection, domains, and QEMU passthrough."""
+    return len(w.conn.calls) + sum(len(d.calls) for d in w.domains) + len(w.transport.sent)
+
+
+# -- names --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, name",
+    [
+        (STATS_BY_QEMU_NAME["stat-free-memory"], "virt_balloon_free_memory_bytes"),
+        (STATS_BY_QEMU_NAME["stat-swap-in"], "virt_balloon_swap_in_bytes_total"),
+        (STATS_BY_QEMU_NAME["stat-minor-faults"], "virt_balloon_minor_faults_total"),
+        (STATS_BY_QEMU_NAME["stat-htlb-pgfail"], "virt_balloon_htlb_pgfail_total"),
+        (ACTUAL, "virt_balloon_actual_bytes"),
+    ],
+)
+def test_metric_name(spec, name):
+    """Unit suffix, then _total for counters."""
+    assert metric_name(spec) == name
+
+
+def test_unknown_spec_metric_name_is_sanitized():
+    """Names are made of [a-zA-Z0-9_] only, whatever a newer QEMU calls a stat."""
+    assert metric_name(StatSpec("stat-a.b/c", None, None, "count", "")) == "virt_balloon_a_b_c"
+
+
+# -- the figures of each domain -------------------------------------------------------------
+
+
+def test_every_known_figure_once_per_domain_in_qemus_unit_with_uri_domain_uuid():
+    """Each known figure is exported once per domain, in QEMU's unit, labelled with uri, domain and uuid."""
+    cycle, totals = _cycle(["virtio", "virtio-hog"])
+    parsed = _samples(render(cycle, totals))
+    assert len(cycle.samples) == 2
+    for s in cycle.samples:
+        mine: Dict[str, List[float]] = {}
+        for name, labels, value in parsed:
+            if labels.get("uuid") == s.uuid and "status" not in labels:
+                assert labels == {"uri": URI, "domain": s.domain, "uuid": s.uuid}, name
+                mine.setdefault(name, []).append(value)
+        for spec in STATS:
+            assert s.get(spec.qemu) is not None, spec.qemu  # the recording has every figure
+            assert mine[metric_name(spec)] == [s.get(spec.qemu)], spec.qemu
+        assert mine["virt_balloon_actual_bytes"] == [s.actual_bytes]
+        assert mine["virt_balloon_last_update_seconds"] == [s.last_update]
+        assert mine["virt_balloon_polling_interval_seconds"] == [s.polling.qemu_interval]
+        assert mine["virt_balloon_crosscheck_mismatches"] == [0]
+        assert mine["virt_balloon_sample_timestamp_seconds"] == [round(s.sampled_at, 3)]
+    for name, labels, _ in parsed:
+        if "domain" in labels:
+            assert DOMAIN_LABELS <= set(labels), name
+
+
+def test_status_is_one_hot_over_every_status():
+    """virt_balloon_status: 1 for the domain's status, 0 for every other Status."""
+    cycle, totals = _cycle(["nostats"])
+    [sample] = cycle.samples
+    assert sample.status is Status.POLLING_DISABLED
+    parsed = _samples(render(cycle, totals))
+    status = {labels["status"]: value for labels, value in _of(parsed, "virt_balloon_status")}
+    assert status == {st.value: float(st is Status.POLLING_DISABLED) for st in Status}
+
+
+def test_counters_are_exactly_the_cumulative_stats_and_only_they_end_in_total():
+    """TYPE counter for exactly the cumulative stats (plus the self-metric counters), samples in _total."""
+    cycle, totals = _cycle(["virtio"])
+    families = _families(render(cycle, totals))
+    counters = {name for name, f in families.items() if f.type == "counter"}
+    self_counters = {"virt_balloon_cycles", "virt_balloon_libvirt_calls", "virt_balloon_errors"}
+    assert counters == {metric_name(s)[: -len("_total")] for s in STATS if s.cumulative} | self_counters
+    for name, family in families.items():
+        for sample in family.samples:
+            if family.type == "counter":
+                assert sample.name.endswith("_total"), sample.name
+            else:
+                assert family.type == "gauge", name
+                assert not sample.name.endswith("_total"), sample.name
+
+
+def test_unsupported_figures_are_left_out_never_zero():
+    """No guest driver: no figure series at all (never a 0), and no last-update; actual is still there."""
+    cycle, totals = _cycle(["nodriver"])
+    [sample] = cycle.samples
+    assert sample.stats is not None and all(v is None for v in sample.stats.values.values())
+    names = {name for name, _, _ in _samples(render(cycle, totals))}
+    assert not names & {metric_name(s) for s in STATS}
+    assert "virt_balloon_guest_stat" not in names
+    assert "virt_balloon_last_update_seconds" not in names
+    assert "virt_balloon_actual_bytes" in names
+
+
+def test_label_values_round_trip_through_escaping():
+    """A domain name with a quote, a backslash and a newline comes back unchanged from the parser."""
+    # Synthetic name: libvirt allows these characters; the testbed's names do not have them.
+    odd = 'vm "quoted" \\ back\nslash'
+    cycle, totals = _collect(_world(["virtio"], rename={"virtio": odd}))
+    assert [s.domain for s in cycle.samples] == [odd]
+    text = render(cycle, totals)
+    assert '\\"quoted\\"' in text and "\\\\" in text and "back\\nslash" in text
+    domains = {labels["domain"] for _, labels, _ in _samples(text) if "domain" in labels}
+    assert domains == {odd}
+
+
+def test_unknown_stat_goes_to_guest_stat_with_a_stat_label():
+    """A stat unknown to this version is virt_balloon_guest_stat{stat=...}; an unsupported one is left out."""
+    w = _world(["virtio"])
+    fixture = w.fixtures[0]
+    command = {
+        "execute": "qom-get", "arguments": {"path": fixture["balloon_path"], "property": "guest-stats"}
+    }
+    reply = json.loads(next(q["reply"] for q in fixture["qmp"] if q["command"] == command))
+    # Synthetic: QEMU 9.2+ also reports these (the testbed's QEMU 7.2 does not).
+    reply["return"]["stats"].update({"stat-oom-kills": 4, "stat-alloc-stalls": 2**64 - 1})
+    w.transport.answer(w.domain.UUIDString(), command, json.dumps(reply))
+    cycle, totals = _collect(w, source="qmp")
+    [sample] = cycle.samples
+    assert sample.stats.values["stat-oom-kills"] == 4
+    parsed = _samples(render(cycle, totals))
+    extra = [(labels, value) for labels, value in _of(parsed, "virt_balloon_guest_stat")]
+    labels = {"uri": URI, "domain": sample.domain, "uuid": sample.uuid, "stat": "stat-oom-kills"}
+    assert extra == [(labels, 4.0)]
+    assert _of(parsed, "virt_balloon_free_memory_bytes")  # the known ones are still under their names
+
+
+def test_help_and_type_once_per_family_with_many_domains():
+    """Several domains share each family's HELP and TYPE lines (a repeat would be rejected by Prometheus)."""
+    cycle, totals = _cycle(["virtio", "virtio-hog", "transitional", "nostats", "none"])
+    text = render(cycle, totals)
+    helps = [line.split(" ")[2] for line in text.splitlines() if line.startswith("# HELP ")]
+    types = [line.split(" ")[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(helps) == len(set(helps)) and len(types) == len(set(types))
+    assert helps == types
+    families = _families(text)  # also fails on a family given twice
+    with_figures = [s for s in cycle.samples if s.get("stat-free-memory") is not None]
+    assert len(with_figures) == 4  # every scenario here but "none" (no balloon)
+    assert len(families["virt_balloon_free_memory_bytes"].samples) == len(with_figures)
+    assert len(families["virt_balloon_status"].samples) == 5 * len(Status)
+
+
+# -- per host, per cycle, and over the collector's life ---------------------------------------
+
+
+def _two_hosts_one_lost() -> Tuple[Cycle, Totals]:
+    """Two connections, two cycles; libvirtd behind the first one went away before the second."""
+    here, there = _world(["virtio-hog", "nostats"]), _world(["noos"])
+    remote = BalloonStats(Host(there.conn, OTHER_URI), QMPClient(there.transport), clock=there.client.clock)
+    with Collector(clients=[here.client, remote], timeout=TIMEOUT, clock=lambda: STARTED_AT) as collector:
+        collector.collect()
+        here.conn.lose()
+        cycle = collector.collect()
+    return cycle, collector.totals
+
+
+def test_up_per_uri():
+    """virt_balloon_up{uri} tells a host that answered (1) from a libvirtd that could not be reached (0)."""
+    cycle, totals = _two_hosts_one_lost()
+    assert not cycle.hosts[URI].up and cycle.hosts[OTHER_URI].up
+    up = _of(_samples(render(cycle, totals)), "virt_balloon_up")
+    assert [labels.keys() for labels, _ in up] == [{"uri"}, {"uri"}]
+    assert {labels["uri"]: value for labels, value in up} == {URI: 0.0, OTHER_URI: 1.0}
+
+
+def test_domains_counts_by_uri_and_status():
+    """virt_balloon_domains{uri,status}: every status per URI, zeros included, counts from the cycle."""
+    cycle, totals = _two_hosts_one_lost()
+    counts = {
+        (labels["uri"], labels["status"]): value
+        for labels, value in _of(_samples(render(cycle, totals)), "virt_balloon_domains")
+    }
+    expected = {(uri, st.value): 0.0 for uri in (URI, OTHER_URI) for st in Status}
+    expected[(URI, "unreachable")] = 2.0
+    expected[(OTHER_URI, "never_updated")] = 1.0
+    assert counts == expected
+
+
+def test_self_metrics_are_the_collectors_totals():
+    """cycles_total, libvirt_calls_total{call}, errors_total{kind} and last success come from Totals."""
+    cycle, totals = _two_hosts_one_lost()
+    assert totals.cycles == 2 and totals.errors == {"ConnectionFailed": 2}
+    parsed = _samples(render(cycle, totals))
+    assert _of(parsed, "virt_balloon_cycles_total") == [({}, 2.0)]
+    calls = {labels["call"]: value for labels, value in _of(parsed, "virt_balloon_libvirt_calls_total")}
+    assert calls == {call: float(count) for call, count in totals.calls.items()}
+    assert calls["qemuMonitorCommand"] > 0
+    errors = {labels["kind"]: value for labels, value in _of(parsed, "virt_balloon_errors_total")}
+    assert errors == {"ConnectionFailed": 2.0}
+    last = {
+        labels["uri"]: value for labels, value in _of(parsed, "virt_balloon_last_success_timestamp_seconds")
+    }
+    assert last == {URI: round(STARTED_AT, 3), OTHER_URI: round(STARTED_AT, 3)}
+    assert last.keys() == totals.last_up.keys()
+
+
+def test_cycle_timestamp_and_duration():
+    """The served cycle's start (the collector's clock) and how long it took."""
+    cycle, totals = _cycle(["virtio"])
+    parsed = _samples(render(cycle, totals))
+    assert _of(parsed, "virt_balloon_cycle_timestamp_seconds") == [({}, round(STARTED_AT, 3))]
+    [(_, duration)] = _of(parsed, "virt_balloon_cycle_duration_seconds")
+    assert duration == round(cycle.duration, 6)
+    assert 0 <= duration < TIMEOUT
+
+
+def test_families_of_no_cycle_is_empty():
+    """Before the first cycle a scrape has no series at all: no domain, not even an up of 0."""
+    assert families_of(None) == []
+    assert families_of(None, Totals()) == []
+    assert generate_latest(registry_for(CycleMetrics(lambda: None))) == b""
+
+
+def test_families_of_without_totals_has_no_self_counters():
+    """Without Totals (a bare cycle) the per-cycle figures are there, the lifetime counters are not."""
+    cycle, _ = _cycle(["virtio"])
+    names = {f.name for f in families_of(cycle)}
+    assert {"virt_balloon_up", "virt_balloon_status", "virt_balloon_cycle_timestamp_seconds"} <= names
+    assert not names & {"virt_balloon_cycles", "virt_balloon_libvirt_calls", "virt_balloon_errors"}
+
+
+# -- the custom collector -------------------------------------------------------------------
+
+
+def test_cycle_metrics_reads_the_cycle_at_every_scrape_and_never_calls_libvirt():
+    """Each scrape asks its getter for the cycle again, and makes no call to libvirt or QEMU."""
+    w = _world(["virtio", "nostats"])
+    collector = Collector(clients=[w.client], timeout=TIMEOUT)
+    asked: List[Optional[Cycle]] = []
+
+    def current() -> Optional[Cycle]:
+        asked.append(collector.last)
+        return collector.last
+
+    registry = registry_for(CycleMetrics(current, lambda: collector.totals))
+    try:
+        assert generate_latest(registry) == b""  # no cycle yet
+        first = collector.collect()
+        before = _libvirt_calls(w)
+        assert before > 0
+        texts = [generate_latest(registry).decode() for _ in range(3)]
+        assert _libvirt_calls(w) == before
+        assert asked == [None, first, first, first]
+        assert all(_of(_samples(t), "virt_balloon_cycles_total") == [({}, 1.0)] for t in texts)
+        second = collector.collect()
+        text = generate_latest(registry).decode()
+    finally:
+        collector.stop()
+    assert asked[-1] is second
+    assert _of(_samples(text), "virt_balloon_cycles_total") == [({}, 2.0)]
+
+
+def test_registry_is_its_own_not_the_global_one():
+    """registry_for gives a fresh registry each time; the global one never sees these families."""
+    from prometheus_client import REGISTRY
+
+    cycle, totals = _cycle(["virtio"])
+    metrics = CycleMetrics(lambda: cycle, lambda: totals)
+    registry = registry_for(metrics)
+    assert registry is not REGISTRY and registry_for(metrics) is not registry
+    assert "virt_balloon_up" in generate_latest(registry).decode()
+    assert "virt_balloon_" not in generate_latest(REGISTRY).decode()
+
+
+# -- the textfile ---------------------------------------------------------------------------
+
+
+def test_write_textfile_replaces_the_file_atomically(tmp_path):
+    """The final file parses and equals the rendering; no temporary file is left beside it."""
+    cycle, totals = _cycle(["virtio", "nodriver"])
+    path = tmp_path / "virt_balloon.prom"
+    path.write_text("old content that is not the exposition format\n")
+    write_textfile(str(path), cycle, totals)
+    text = path.read_text()
+    assert text == render(cycle, totals)
+    assert "virt_balloon_up" in _families(text)
+    assert os.listdir(tmp_path) == ["virt_balloon.prom"]
+
+
+@pytest.mark.parametrize("where", ["missing-dir/x.prom", "a-directory"])
+def test_write_textfile_to_a_bad_place_raises_invalid_argument(tmp_path, where):
+    """A directory that does not exist, or a path that is a directory: InvalidArgument, nothing left over."""
+    (tmp_path / "a-directory").mkdir()
+    cycle, totals = _cycle(["virtio"])
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(InvalidArgument) as info:
+        write_textfile(str(tmp_path / where), cycle, totals)
+    assert str(tmp_path / where) in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert os.listdir(tmp_path / "a-directory") == []
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def test_cli_textfile_with_format_json_is_a_usage_error(tmp_path):
+    """--textfile writes the Prometheus format: with --format json it is refused (exit 2), nothing written."""
+    path = tmp_path / "x.prom"
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(["stats", "--all", "--textfile", str(path), "--format", "json"], out=out, err=err)
+    assert code == 2 and out.getvalue() == ""
+    assert "--textfile" in err.getvalue()
+    assert not path.exists()
