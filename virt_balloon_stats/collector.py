@@ -167,13 +167,15 @@ class Cycle:
 
 @dataclasses.dataclass
 class Totals:
-    """Counts over the collector's life: cycles, calls and errors."""
+    """Counts over the collector's life: cycles, calls and errors (in all, and per URI)."""
 
     cycles: int = 0
     calls: "collections.Counter[str]" = dataclasses.field(default_factory=collections.Counter)
     errors: "collections.Counter[str]" = dataclasses.field(default_factory=collections.Counter)
     seconds: float = 0.0
     last_up: Dict[str, float] = dataclasses.field(default_factory=dict)  # URI -> start of its last good cycle
+    calls_by_uri: Dict[str, "collections.Counter[str]"] = dataclasses.field(default_factory=dict)
+    errors_by_uri: Dict[str, "collections.Counter[str]"] = dataclasses.field(default_factory=dict)
 
 
 class _Entry:
@@ -272,6 +274,7 @@ class Collector:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._thread_abandoned: Optional[threading.Thread] = None
+        self._unreported: "collections.Counter[str]" = collections.Counter()  # calls not yet in a cycle
         self._on_state: Dict[Tuple[str, str], str] = {}
         self._interval: Optional[float] = None  # set by run()
         if events:
@@ -432,7 +435,7 @@ class Collector:
         futures = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
         concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
         samples: List[Sample] = []
-        errors: "collections.Counter[str]" = collections.Counter()
+        by_uri: Dict[str, "collections.Counter[str]"] = collections.defaultdict(collections.Counter)
         for session, work in planned:
             lost = False
             for entry, item in work:
@@ -442,9 +445,9 @@ class Collector:
                 if isinstance(sample.error, ConnectionFailed):
                     lost = True
                 if sample.status is Status.UNRESPONSIVE:
-                    errors["unresponsive"] += 1
+                    by_uri[session.uri]["unresponsive"] += 1
                 elif sample.error is not None:
-                    errors[type(sample.error).__name__] += 1
+                    by_uri[session.uri][type(sample.error).__name__] += 1
                 samples.append(sample)
                 self._log_change(session.uri, sample)
             if lost and session.client is not None:
@@ -452,8 +455,13 @@ class Collector:
                 hosts[session.uri] = self._down(session)
                 samples = [self._lost(s) if s.uri == session.uri else s for s in samples]
         for problem in problems:
-            errors[type(problem.error).__name__] += 1
-        calls = self._count_calls()
+            by_uri[problem.uri][type(problem.error).__name__] += 1
+        errors: "collections.Counter[str]" = collections.Counter()
+        for uri, kinds in by_uri.items():
+            errors.update(kinds)
+            self.totals.errors_by_uri.setdefault(uri, collections.Counter()).update(kinds)
+        self._unreported.update(self._count_calls())
+        calls, self._unreported = dict(self._unreported), collections.Counter()
         duration = time.monotonic() - start
         with_number = self.totals.cycles + 1
         self.totals.cycles = with_number
@@ -555,7 +563,7 @@ class Collector:
         if session.client is None:
             return
         self._warn("%s: %s (%s)", session.uri, LOST_CONNECTION, why)
-        self._count_calls()  # keep the old connection's last calls in the totals
+        self._unreported.update(self._count_calls())  # the old connection's last calls count too
         if session.owned:
             session.client.close()
         session.client = None
@@ -751,16 +759,18 @@ class Collector:
         return [session.entries[k] for k in self._order(session)]
 
     def _count_calls(self) -> Dict[str, int]:
-        """libvirt calls since the last count, summed over every connection."""
+        """libvirt calls since the last count, summed over every connection (and kept per URI)."""
         calls: "collections.Counter[str]" = collections.Counter()
         for session in self._sessions:
             if session.client is None:
                 continue
             now = session.client.host.counter.snapshot()
+            mine = self.totals.calls_by_uri.setdefault(session.uri, collections.Counter())
             for name, count in now.items():
                 delta = count - session.seen.get(name, 0)
                 if delta:
                     calls[name] += delta
+                    mine[name] += delta
             session.seen = now
         return dict(calls)
 

@@ -43,6 +43,9 @@ PREFIX = "virt_balloon"
 
 _DOMAIN_LABELS = ("uri", "domain", "uuid")
 
+#: Error kinds exported at 0 before they first happen, so rate() sees the first one.
+_ALWAYS_ERRORS = ("unresponsive", "ConnectionFailed")
+
 
 def metric_name(spec: StatSpec) -> str:
     """``stat-free-memory`` -> ``virt_balloon_free_memory_bytes``; counters end in ``_total``."""
@@ -100,7 +103,7 @@ def _domain_metrics(families: _Families, s: Sample) -> None:
                     _DOMAIN_LABELS + ("stat",),
                 ).add_metric(ids + [name], value)
                 continue
-            help_text = f"{spec.help} ({spec.qemu})"
+            help_text = f"{spec.help}; QEMU's {spec.qemu}"
             if spec.cumulative:
                 families.counter(metric_name(spec), help_text, _DOMAIN_LABELS).add_metric(ids, value)
             else:
@@ -149,14 +152,20 @@ def _self_metrics(families: _Families, cycle: Cycle, totals: Optional[Totals]) -
     if totals is None:
         return
     families.counter(f"{PREFIX}_cycles_total", "cycles run", ()).add_metric([], totals.cycles)
-    calls = families.counter(f"{PREFIX}_libvirt_calls_total", "libvirt round trips made, by call", ("call",))
-    for call, count in sorted(totals.calls.items()):
-        calls.add_metric([call], count)
-    errors = families.counter(
-        f"{PREFIX}_errors_total", "failures by kind (exception, or unresponsive)", ("kind",)
+    calls = families.counter(
+        f"{PREFIX}_libvirt_calls_total", "libvirt round trips made, by call", ("uri", "call")
     )
-    for kind, count in sorted(totals.errors.items()):
-        errors.add_metric([kind], count)
+    for uri, counts in sorted(totals.calls_by_uri.items()):
+        for call, count in sorted(counts.items()):
+            calls.add_metric([uri, call], count)
+    errors = families.counter(
+        f"{PREFIX}_errors_total", "failures by kind (exception, or unresponsive)", ("uri", "kind")
+    )
+    for uri in sorted(set(cycle.hosts) | set(totals.errors_by_uri)):
+        counts = totals.errors_by_uri.get(uri, {})
+        # The kinds an alert or a panel looks for exist from the start, at 0.
+        for kind in sorted(set(counts) | set(_ALWAYS_ERRORS)):
+            errors.add_metric([uri, kind], counts.get(kind, 0))
     for uri, when in sorted(totals.last_up.items()):
         families.gauge(
             f"{PREFIX}_last_success_timestamp_seconds",

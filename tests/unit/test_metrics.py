@@ -267,16 +267,27 @@ def test_domains_counts_by_uri_and_status():
 
 
 def test_self_metrics_are_the_collectors_totals():
-    """cycles_total, libvirt_calls_total{call}, errors_total{kind} and last success come from Totals."""
+    """cycles_total, calls and errors by URI, and the last success: all from Totals."""
     cycle, totals = _two_hosts_one_lost()
     assert totals.cycles == 2 and totals.errors == {"ConnectionFailed": 2}
     parsed = _samples(render(cycle, totals))
     assert _of(parsed, "virt_balloon_cycles_total") == [({}, 2.0)]
-    calls = {labels["call"]: value for labels, value in _of(parsed, "virt_balloon_libvirt_calls_total")}
-    assert calls == {call: float(count) for call, count in totals.calls.items()}
+    calls: dict = {}
+    for labels, value in _of(parsed, "virt_balloon_libvirt_calls_total"):
+        assert labels["uri"] in (URI, OTHER_URI)
+        calls[labels["call"]] = calls.get(labels["call"], 0.0) + value
+    assert calls == {call: float(count) for call, count in totals.calls.items()}  # per URI, summing up
     assert calls["qemuMonitorCommand"] > 0
-    errors = {labels["kind"]: value for labels, value in _of(parsed, "virt_balloon_errors_total")}
-    assert errors == {"ConnectionFailed": 2.0}
+    errors = {
+        (labels["uri"], labels["kind"]): value for labels, value in _of(parsed, "virt_balloon_errors_total")
+    }
+    # The lost host's two domains; the kinds alerts look for are there at 0 on every URI.
+    assert errors == {
+        (URI, "ConnectionFailed"): 2.0,
+        (URI, "unresponsive"): 0.0,
+        (OTHER_URI, "ConnectionFailed"): 0.0,
+        (OTHER_URI, "unresponsive"): 0.0,
+    }
     last = {
         labels["uri"]: value for labels, value in _of(parsed, "virt_balloon_last_success_timestamp_seconds")
     }
