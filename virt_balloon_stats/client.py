@@ -61,7 +61,7 @@ CROSSCHECK_ATTEMPTS = 3
 
 #: Worker threads for :meth:`BalloonStats.sample_many`: QMP calls to different
 #: domains run in parallel inside libvirtd; more threads than this only queue.
-DEFAULT_WORKERS = 8
+DEFAULT_WORKERS = 4
 
 #: Seconds between re-reads of QEMU's polling interval (and one query-balloon
 #: to cross-check ``actual``) for a domain whose figures give no reason to.

@@ -51,7 +51,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from virt_balloon_stats.client import DEFAULT_WORKERS, BalloonStats, DomainMemo, GuestRef, Reading
 from virt_balloon_stats.crosscheck import skipped
@@ -94,6 +94,14 @@ LOST_CONNECTION = "lost the libvirt connection; reconnecting"
 
 #: Seconds early a reconnect attempt may start, to match the cycle schedule.
 _RETRY_SLACK = 0.25
+
+#: A cycle's bulk calls per host: each covers about 1/BULK_CHUNKS of the
+#: domains, and starts as soon as they have read QEMU, so libvirt's serial
+#: work for one chunk overlaps the QMP reads of the next.
+BULK_CHUNKS = 4
+
+#: No bulk call for fewer domains than this, unless they are all there are.
+BULK_MIN_CHUNK = 6
 
 #: Seconds after which a QEMU read still running is taken for stuck (a read takes milliseconds).
 SLOW_READ = 0.5
@@ -210,8 +218,8 @@ class _HostSession:
         self.seen: Dict[str, int] = {}  # the RPC counter at the end of the last cycle
         self.order: List[str] = []  # UUIDs in the order samples are reported
         # The bulk call runs apart from the domain readers, which wait for it.
-        self.bulk_pool = WorkerPool(1, 1, name="vbs-bulk")
-        self.bulk_pending: Optional["concurrent.futures.Future[Dict[str, DomainRecord]]"] = None
+        self.bulk_pool = WorkerPool(BULK_CHUNKS, BULK_CHUNKS, name="vbs-bulk")
+        self.bulk_pending: "List[concurrent.futures.Future[Dict[str, DomainRecord]]]" = []
 
 
 class Collector:
@@ -426,12 +434,8 @@ class Collector:
             planned.append((session, work))
             if bulk is not None:
                 rounds.append((session, bulk, work))
-        # Everyone reads QEMU first; the bulk call then covers those that answered.
-        cutoff = deadline - _BULK_RESERVE * timeout
-        begun = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
-        self._wait_begun(begun, start, cutoff, stuck)
-        for session, bulk, work in rounds:
-            self._finish_all(session, bulk, work, deadline)
+        # Everyone reads QEMU first; bulk calls then cover those that answered.
+        self._pipeline(rounds, start, deadline, timeout, stuck)
         futures = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
         concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
         samples: List[Sample] = []
@@ -484,25 +488,64 @@ class Collector:
         self._last = cycle
         return cycle
 
-    def _wait_begun(
-        self, begun: "List[_Future[Union[Reading, Sample]]]", start: float, cutoff: float, stuck: int
+    def _pipeline(
+        self,
+        rounds: "List[Tuple[_HostSession, _BulkRound, List[_Work]]]",
+        start: float,
+        deadline: float,
+        timeout: float,
+        stuck: int,
     ) -> None:
-        """Wait for the QEMU reads until the cutoff, adding threads for reads that hang.
+        """From QEMU reads to finished readings: bulk calls in chunks, as the reads come back.
+
+        Readings join their host's round as their QEMU answers; as soon as a
+        chunk of them has (half the domains, :data:`BULK_CHUNKS`), one bulk
+        call fetches libvirt's side of that chunk, while the other reads go on;
+        when a bulk call returns, its domains are finished in the workers. So
+        libvirt's serial bulk work overlaps the QMP reads instead of following
+        them. At the cutoff (:data:`_BULK_RESERVE` of the deadline before it)
+        the rounds close; a read still running then is left to finish alone.
 
         A read takes milliseconds; one still running after :data:`SLOW_READ`
         seconds (or a fifth of the deadline, if shorter) is taken for stuck,
         and the pool gets a spare thread for it, so the domains queued behind
         it are read on time even when every worker is held by a hung QEMU.
         """
+        cutoff = deadline - _BULK_RESERVE * timeout
         slow = min(SLOW_READ, (cutoff - start) / 4)
+        batches = [_Batches(session, bulk, work, self.source != "qmp") for session, bulk, work in rounds]
+        closed = False
         while True:
             now = time.monotonic()
-            step = max(0.0, min(cutoff - now, slow))
-            _, not_done = concurrent.futures.wait(begun, timeout=step)
-            if not not_done or time.monotonic() >= cutoff:
+            # Reads first: a read that is done has joined its round, so the
+            # fire() below takes it.
+            reads = [f for b in batches for f in b.reads_pending()]
+            if now >= cutoff and not closed:
+                closed = True
+                for batch in batches:
+                    batch.close()
+            for batch in batches:
+                batch.fire(force=closed)
+                batch.finish_returned(self._pool)
+            calls = [f for b in batches for f in b.calls_pending()]
+            if not reads and not calls and all(b.idle() for b in batches):
                 return
-            if time.monotonic() - start >= slow:
-                self._pool.reserve(stuck + sum(1 for f in not_done if f.running()))
+            if closed and not calls:
+                return
+            until = cutoff if not closed else deadline
+            if now >= until:
+                break
+            waiting_on: "List[concurrent.futures.Future[Any]]" = [*reads, *calls]
+            done, _ = concurrent.futures.wait(
+                waiting_on,
+                timeout=max(0.0, min(until - now, slow)),
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
+            if not done and time.monotonic() - start >= slow:
+                self._pool.reserve(stuck + sum(1 for f in reads if f.running()))
+        # The deadline passed with bulk calls out: their domains ask libvirt on their own.
+        for batch in batches:
+            batch.abandon(self._pool)
 
     # -- connection ----------------------------------------------------------
 
@@ -653,35 +696,6 @@ class Collector:
             return reading
         return client.finish_sample(reading)
 
-    def _finish_all(
-        self, session: _HostSession, bulk: "_BulkRound", work: List[_Work], deadline: float
-    ) -> None:
-        """One bulk call for every domain that has read QEMU; then finish each in a worker."""
-        client = session.client
-        assert client is not None
-        readings = bulk.close()
-        records: Dict[str, DomainRecord] = {}
-        pending = session.bulk_pending
-        if readings and (pending is None or pending.done()):
-            guests = [r.guest for r in readings]
-            balloon = self.source != "qmp"
-            future = session.bulk_pool.submit(lambda: client.host.domain_records(guests, balloon=balloon))
-            session.bulk_pending = future
-            try:
-                records = future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except concurrent.futures.TimeoutError:
-                LOG.info("%s: the bulk stats call did not return in time", session.uri)
-            except BalloonStatsError as err:
-                # Each domain then asks on its own (and a lost connection shows there).
-                LOG.debug("%s: bulk stats failed: %s", session.uri, err)
-        joined = {r.guest.uuid: r for r in readings}
-        for index, (entry, item) in enumerate(work):
-            reading = joined.get(entry.guest.uuid)
-            if reading is not None and isinstance(item, concurrent.futures.Future):
-                record = records.get(entry.guest.uuid)
-                entry.pending = self._pool.submit(client.finish_sample, reading, record)
-                work[index] = (entry, entry.pending)
-
     def _settle(
         self,
         session: _HostSession,
@@ -816,11 +830,109 @@ class _BulkRound:
                 self._joined.append(reading)
             return self._open
 
+    def take(self) -> List[Reading]:
+        """The readings that joined since the last take."""
+        with self._lock:
+            taken, self._joined = self._joined, []
+            return taken
+
     def close(self) -> List[Reading]:
-        """Close the round and return the readings that joined."""
+        """Close the round and return the readings that joined since the last take."""
         with self._lock:
             self._open = False
-            return list(self._joined)
+            taken, self._joined = self._joined, []
+            return taken
+
+
+class _Batches:
+    """One host's bulk calls in one cycle: readings waiting, calls out, and their finishing.
+
+    Used by the collector's thread only.
+    """
+
+    def __init__(self, session: _HostSession, bulk: _BulkRound, work: List[_Work], balloon: bool) -> None:
+        client = session.client
+        assert client is not None
+        self.session = session
+        self.client = client
+        self.round = bulk
+        self.work = work
+        self.balloon = balloon
+        self.index = {entry.guest.uuid: i for i, (entry, _) in enumerate(work)}
+        self.expected = sum(1 for _, item in work if isinstance(item, concurrent.futures.Future))
+        size = max(BULK_MIN_CHUNK, -(-self.expected // BULK_CHUNKS))
+        self.chunks = [size] * (BULK_CHUNKS - 1)  # the last call takes whatever is left
+        self.waiting: List[Reading] = []
+        self.calls: Dict["concurrent.futures.Future[Dict[str, DomainRecord]]", List[Reading]] = {}
+        self._reads = [item for _, item in work if isinstance(item, concurrent.futures.Future)]
+
+    def reads_pending(self) -> "List[concurrent.futures.Future[Union[Reading, Sample]]]":
+        """QEMU reads still running (the first half of each reading)."""
+        self._reads = [f for f in self._reads if not f.done()]
+        return self._reads
+
+    def calls_pending(self) -> "List[concurrent.futures.Future[Dict[str, DomainRecord]]]":
+        return [f for f in self.calls if not f.done()]
+
+    def idle(self) -> bool:
+        return not self.waiting and not self.calls
+
+    def close(self) -> None:
+        self.waiting.extend(self.round.close())
+
+    def fire(self, *, force: bool) -> None:
+        """Start a bulk call for the waiting readings once a chunk is ready (or all reads are back)."""
+        self.waiting.extend(self.round.take())
+        if not self.waiting:
+            return
+        chunk = self.chunks[0] if self.chunks else self.expected
+        if not force and len(self.waiting) < chunk and self.reads_pending():
+            return
+        readings, self.waiting = self.waiting, []
+        self.chunks = self.chunks[1:]
+        pending = [f for f in self.session.bulk_pending if not f.done()]
+        if len(pending) >= BULK_CHUNKS:
+            # libvirtd has not answered earlier bulk calls: ask per domain instead.
+            self.calls[_done({})] = readings
+            return
+        guests = [r.guest for r in readings]
+        client, balloon = self.client, self.balloon
+        future = self.session.bulk_pool.submit(lambda: client.host.domain_records(guests, balloon=balloon))
+        self.session.bulk_pending = pending + [future]
+        self.calls[future] = readings
+
+    def finish_returned(self, pool: WorkerPool) -> None:
+        """Finish, in the workers, the domains of every bulk call that has returned."""
+        for future in [f for f in self.calls if f.done()]:
+            readings = self.calls.pop(future)
+            try:
+                records = future.result()
+            except BalloonStatsError as err:
+                # Each domain then asks on its own (and a lost connection shows there).
+                LOG.debug("%s: bulk stats failed: %s", self.session.uri, err)
+                records = {}
+            self._finish(pool, readings, records)
+
+    def abandon(self, pool: WorkerPool) -> None:
+        """The deadline passed: finish what is left without waiting for libvirt's bulk answer."""
+        if self.calls:
+            LOG.info("%s: a bulk stats call did not return in time", self.session.uri)
+        leftover = [r for readings in self.calls.values() for r in readings] + self.waiting
+        self.calls, self.waiting = {}, []
+        self._finish(pool, leftover, {})
+
+    def _finish(self, pool: WorkerPool, readings: List[Reading], records: Dict[str, DomainRecord]) -> None:
+        for reading in readings:
+            index = self.index[reading.guest.uuid]
+            entry, _ = self.work[index]
+            entry.pending = pool.submit(self.client.finish_sample, reading, records.get(reading.guest.uuid))
+            self.work[index] = (entry, entry.pending)
+
+
+def _done(value: Dict[str, DomainRecord]) -> "concurrent.futures.Future[Dict[str, DomainRecord]]":
+    future: "concurrent.futures.Future[Dict[str, DomainRecord]]" = concurrent.futures.Future()
+    future.set_result(value)
+    return future
 
 
 def _busy(entry: _Entry) -> bool:

@@ -61,8 +61,13 @@ class Connection:
         self._conn: "Optional[libvirt.virConnect]" = None
 
     def get(self) -> "libvirt.virConnect":
-        if self._conn is not None and self._conn.isAlive() == 1:
-            return self._conn
+        if self._conn is not None:
+            # isAlive() trusts the socket until a write fails; one cheap round trip tells.
+            try:
+                self._conn.getLibVersion()
+                return self._conn
+            except libvirt.libvirtError:
+                self.close()
         try:
             self._conn = libvirt.open(URI)
         except libvirt.libvirtError as err:

@@ -1,0 +1,379 @@
+"""Benchmarks: every path of virt_balloon_stats against the raw libvirt floor, as ratios in one run.
+
+Run as root with ``tox -e bench -- --json PATH`` (or ``python tests/bench/bench.py``).
+It brings the testbed up (``contrib/testbed/vbs-testbed up``), creates N light
+no-OS domains plus two real guests whose balloon driver answers (all named
+``vbs-tb-bench-*``, destroyed at the end), measures, prints a table and writes
+the same figures as JSON. Machines here are shared and noisy, so every target
+is a ratio of two figures measured in the same run, interleaved, each the
+median of several repetitions.
+
+B1  floors: the fewest libvirt calls that yield the same figures, bare
+B2  a steady collector cycle with the cross-check, against the floor
+B3  default workers against one worker
+B4  libvirt calls per domain per steady cycle
+B5  growth from N/3 to N domains
+B6  the exporter: CPU, peak RSS, scrape latency
+B7  a cold ``stats DOMAIN --format json`` against the bare imports
+B8  the same against ``virsh dommemstat``
+B9  ``stats --all --timeout 5`` with one QEMU stopped
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import libvirt
+import libvirt_qemu
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTBED = ROOT / "contrib" / "testbed" / "vbs-testbed"
+URI = "qemu:///system"
+PREFIX = "vbs-tb-bench-"
+CLI = shutil.which("virt-balloon-stats") or str(Path(sys.executable).parent / "virt-balloon-stats")
+GUEST_STATS = (
+    '{"execute":"qom-get","arguments":{"path":"/machine/peripheral/balloon0","property":"guest-stats"}}'
+)
+NOWAIT = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+BALLOON = libvirt.VIR_DOMAIN_STATS_BALLOON
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# -- the testbed ---------------------------------------------------------------------------------------
+
+
+def testbed(*args: str) -> str:
+    proc = subprocess.run([str(TESTBED), *args], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: vbs-testbed {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+@contextlib.contextmanager
+def domains(light: int) -> Iterator[List[str]]:
+    """``light`` no-OS domains and two guests, all created at once; destroyed afterwards."""
+    names = [f"{PREFIX}g{i}" for i in range(2)] + [f"{PREFIX}n{i:02d}" for i in range(light)]
+    stale = [d for d in libvirt.open(URI).listAllDomains() if d.name().startswith(PREFIX)]
+    if stale:
+        testbed("destroy", *[d.name() for d in stale])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+            guest = ("create", "virtio", "--wait-stats", "120", "--name")
+            jobs = [pool.submit(testbed, *guest, n) for n in names[:2]]
+            jobs += [pool.submit(testbed, "create", "noos", "--name", n) for n in names[2:]]
+            for job in jobs:
+                job.result()
+        yield names
+    finally:
+        subprocess.run([str(TESTBED), "destroy", *names], capture_output=True, timeout=300)
+
+
+# -- measuring ------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def interleaved(runs: int, **contenders: Callable[[], Any]) -> Dict[str, List[float]]:
+    """Each contender once per round, ``runs`` rounds, in turn: drift hits all alike."""
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(runs):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn))
+    return times
+
+
+def summary(values: Sequence[float]) -> Dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+class Floors:
+    """B1: bare loops of the fewest calls that yield the same figures."""
+
+    def __init__(self, conn: Any, names: Sequence[str]) -> None:
+        self.conn = conn
+        self.doms = [conn.lookupByName(n) for n in names]
+        self.pools = {t: concurrent.futures.ThreadPoolExecutor(t) for t in (4, 8)}
+
+    def bulk_then_qmp(self) -> None:
+        self.conn.domainListGetStats(self.doms, BALLOON, NOWAIT)
+        for dom in self.doms:
+            libvirt_qemu.qemuMonitorCommand(dom, GUEST_STATS, 0)
+
+    def qmp_and_memory_stats(self) -> None:
+        for dom in self.doms:
+            libvirt_qemu.qemuMonitorCommand(dom, GUEST_STATS, 0)
+            dom.memoryStats()
+
+    def bulk_alongside(self, threads: int) -> None:
+        pool = self.pools[threads]
+        bulk = pool.submit(self.conn.domainListGetStats, self.doms, BALLOON, NOWAIT)
+        list(pool.map(lambda d: libvirt_qemu.qemuMonitorCommand(d, GUEST_STATS, 0), self.doms))
+        bulk.result()
+
+    def per_domain(self, threads: int) -> None:
+        def one(dom: Any) -> None:
+            libvirt_qemu.qemuMonitorCommand(dom, GUEST_STATS, 0)
+            dom.memoryStats()
+        list(self.pools[threads].map(one, self.doms))
+
+    def contenders(self) -> Dict[str, Callable[[], Any]]:
+        return {
+            "floor bulk+qom-get, 1 thread": self.bulk_then_qmp,
+            "floor qom-get+memoryStats, 1 thread": self.qmp_and_memory_stats,
+            "floor bulk alongside qom-get, 4 threads": lambda: self.bulk_alongside(4),
+            "floor bulk alongside qom-get, 8 threads": lambda: self.bulk_alongside(8),
+            "floor qom-get+memoryStats, 4 threads": lambda: self.per_domain(4),
+            "floor qom-get+memoryStats, 8 threads": lambda: self.per_domain(8),
+        }
+
+
+def steady(collector: Any, calls: Optional[List[Dict[str, int]]] = None) -> Callable[[], None]:
+    """One collector cycle; checks every domain was read, keeps its calls."""
+    def run() -> None:
+        cycle = collector.collect()
+        bad = [s for s in cycle.samples if s.status.value not in ("ok", "never_updated")]
+        if bad:
+            first = bad[0]
+            raise SystemExit(f"bench: {first.domain} was not read: {first.status.value}: {first.message}")
+        if calls is not None:
+            calls.append(dict(cycle.calls))
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def exporter_run(names: Sequence[str], seconds: float, interval: float) -> Dict[str, Any]:
+    """B6: the exporter over the domains, scraped every interval for ``seconds``."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [CLI, "exporter", "--listen", f"127.0.0.1:{port}", "--interval", str(interval), *names],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    if b"virt_balloon_up" in reply.read():
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("bench: the exporter did not come up")
+            time.sleep(0.2)
+        cpu0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
+        latencies = []
+        while time.monotonic() - t0 < seconds:
+            began = time.perf_counter()
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                reply.read()
+            latencies.append(time.perf_counter() - began)
+            time.sleep(max(0.0, interval - (time.perf_counter() - began)))
+        cpu = proc_cpu_seconds(proc.pid) - cpu0
+        wall = time.monotonic() - t0
+        rss = proc_peak_rss_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    return {"cpu_share": cpu / wall, "peak_rss_mb": rss, "scrape_p99_s": p99, "scrapes": len(latencies)}
+
+
+def run_quiet(argv: Sequence[str]) -> None:
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+# -- the report -----------------------------------------------------------------------------------------
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: List[Dict[str, Any]] = []
+
+    def add(self, bid: str, what: str, value: float, unit: str, target: str = "",
+            ok: Optional[bool] = None, detail: Optional[Dict[str, Any]] = None) -> None:
+        verdict = "reference" if ok is None and not target else ("met" if ok else "MISSED")
+        self.rows.append({"id": bid, "what": what, "value": value, "unit": unit, "target": target,
+                          "verdict": verdict, "detail": detail or {}})
+
+    def table(self) -> str:
+        lines = [f"{'id':4} {'what':62} {'value':>12} {'target':>14}  verdict"]
+        for r in self.rows:
+            value = f"{r['value']:.3g}{r['unit']}"
+            lines.append(f"{r['id']:4} {r['what'][:62]:62} {value:>12} {r['target']:>14}  {r['verdict']}")
+        return "\n".join(lines)
+
+    @property
+    def missed(self) -> List[str]:
+        return [r["id"] for r in self.rows if r["verdict"] == "MISSED"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument("--domains", type=int, default=30, help="N: domains in all, two of them guests (30)")
+    parser.add_argument("--runs", type=int, default=9, help="repetitions of each timed measurement (9)")
+    parser.add_argument("--exporter-seconds", type=float, default=60.0, help="length of B6 (60)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (it starts libvirtd and creates domains)")
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    from virt_balloon_stats.collector import Collector
+
+    testbed("up")
+    conn = libvirt.open(URI)
+    qemu = conn.getVersion()
+    env = {
+        "libvirt": conn.getLibVersion(),
+        "libvirt_text": "%d.%d.%d" % (conn.getLibVersion() // 1000000, conn.getLibVersion() // 1000 % 1000,
+                                      conn.getLibVersion() % 1000),
+        "qemu_text": "%d.%d.%d" % (qemu // 1000000, qemu // 1000 % 1000, qemu % 1000),
+        "accel": "TCG (domain type 'qemu'; nested KVM does not boot here)",
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "domains": args.domains,
+        "runs": args.runs,
+    }
+    log(f"libvirt {env['libvirt_text']}, QEMU {env['qemu_text']}, guests under TCG, {env['cpus']} CPUs")
+    report = Report()
+    with domains(args.domains - 2) as names:
+        time.sleep(2)
+        small = names[: max(3, args.domains // 3)]
+        floors = Floors(conn, names)
+        with Collector([URI], domains=names, events=True) as default, \
+                Collector([URI], domains=names, events=True, workers=1) as single, \
+                Collector([URI], domains=small, events=True) as few:
+            for warm in (default, single, few):
+                warm.collect()
+                warm.collect()
+            calls: List[Dict[str, int]] = []
+            contenders = dict(floors.contenders())
+            contenders["collector, default (8 workers)"] = steady(default, calls)
+            contenders["collector, 1 worker"] = steady(single)
+            contenders[f"collector, default, N={len(small)}"] = steady(few)
+            log(f"B1-B5: {args.runs} interleaved rounds over {len(names)} domains")
+            times = interleaved(args.runs, **contenders)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        floor_names = [n for n in medians if n.startswith("floor")]
+        floor = min(floor_names, key=lambda n: medians[n])
+        serial = min((n for n in floor_names if "1 thread" in n), key=lambda n: medians[n])
+        for name in floor_names:
+            tag = " (the floor)" if name == floor else " (the serial floor)" if name == serial else ""
+            report.add("B1", name + tag, medians[name] * 1000, " ms", detail=summary(times[name]))
+        ours = medians["collector, default (8 workers)"]
+        ratio = ours / medians[floor]
+        report.add("B2", f"steady collector cycle, N={len(names)}, over the floor", ratio, "x", "<= 1.15x",
+                   ratio <= 1.15, {"cycle": summary(times["collector, default (8 workers)"]), "floor": floor})
+        gain = medians["collector, 1 worker"] / ours
+        report.add("B3", "default workers over one worker (speed-up)", gain, "x", ">= 1.6x", gain >= 1.6,
+                   {"one_worker": summary(times["collector, 1 worker"])})
+        per_cycle: Dict[str, float] = {}
+        for c in calls:
+            for k, v in c.items():
+                per_cycle[k] = per_cycle.get(k, 0) + v / len(calls)
+        bulk = per_cycle.get("domainListGetStats", 0.0)
+        per_domain = (sum(per_cycle.values()) - min(bulk, 1.0)) / len(names)
+        xml_state = per_cycle.get("XMLDesc", 0.0) + per_cycle.get("state", 0.0)
+        report.add("B4", "libvirt calls per domain per steady cycle (+1 bulk)", per_domain, "", "<= 1.1",
+                   per_domain <= 1.1, {"calls_per_cycle": per_cycle})
+        report.add("B4", "XMLDesc + state per steady cycle", xml_state, "", "0", xml_state == 0)
+        growth = ours / medians[f"collector, default, N={len(small)}"]
+        report.add("B5", f"steady cycle N={len(names)} over N={len(small)}", growth, "x", "<= 3.3x",
+                   growth <= 3.3)
+
+        log(f"B6: the exporter for {args.exporter_seconds:g} s")
+        six = exporter_run(names, args.exporter_seconds, 5.0)
+        report.add("B6", "exporter CPU, share of one core", six["cpu_share"] * 100, " %", "<= 2 %",
+                   six["cpu_share"] <= 0.02, six)
+        report.add("B6", "exporter peak RSS", six["peak_rss_mb"], " MB", "<= 60 MB", six["peak_rss_mb"] <= 60)
+        report.add("B6", "exporter scrape latency p99", six["scrape_p99_s"] * 1000, " ms", "<= 50 ms",
+                   six["scrape_p99_s"] <= 0.05)
+
+        guest = names[0]
+        log("B7-B8: cold commands")
+        cold = interleaved(
+            args.runs,
+            stats=lambda: run_quiet([CLI, "stats", guest, "--format", "json"]),
+            imports=lambda: run_quiet([sys.executable, "-c", "import libvirt, libvirt_qemu, lxml.etree"]),
+            virsh=lambda: run_quiet(["virsh", "-c", URI, "dommemstat", guest]),
+        )
+        cm = {k: statistics.median(v) for k, v in cold.items()}
+        seven = cm["stats"] / cm["imports"]
+        report.add("B7", "cold 'stats DOMAIN --format json' over the bare imports", seven, "x", "<= 1.5x",
+                   seven <= 1.5, {k: summary(v) for k, v in cold.items()})
+        report.add("B8", "the same over 'virsh dommemstat DOMAIN'", cm["stats"] / cm["virsh"], "x",
+                   detail={"stats_ms": cm["stats"] * 1000, "virsh_ms": cm["virsh"] * 1000})
+
+        log("B9: one QEMU stopped")
+        hung = names[-1]
+        pid = int(Path(f"/run/libvirt/qemu/{hung}.pid").read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            proc = subprocess.run([CLI, "stats", "--timeout", "5", "--format", "json", *names],
+                                  capture_output=True, text=True, timeout=120)
+            took = time.monotonic() - began
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        docs = json.loads(proc.stdout or "[]")
+        others = [d for d in docs if d["domain"] != hung]
+        read = [d for d in others if d["status"] not in ("unresponsive", "unreachable")]
+        hung_status = next((d["status"] for d in docs if d["domain"] == hung), None)
+        good = took <= 5.5 and len(read) == len(names) - 1 and hung_status == "unresponsive"
+        report.add("B9", f"'stats --timeout 5', 1 of {len(names)} QEMUs stopped: exit time", took, " s",
+                   "<= 5.5 s", good, {"others_read": len(read), "stopped_status": hung_status})
+
+    print(f"virt_balloon_stats benchmarks: libvirt {env['libvirt_text']}, QEMU {env['qemu_text']}, "
+          f"guests under TCG, {env['cpus']} CPUs, median of {args.runs}")
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": env, "results": report.rows}, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    if report.missed:
+        log(f"targets missed: {', '.join(report.missed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
