@@ -35,7 +35,7 @@ from virt_balloon_stats.errors import (
 from virt_balloon_stats.host import DomainRecord, Guest, Host
 from virt_balloon_stats.polling import PollingState, validate_interval
 from virt_balloon_stats.qmp import POLLING_PROPERTY
-from virt_balloon_stats.qompath import QOMPath, QOMPathCache
+from virt_balloon_stats.qompath import QOMPath, QOMPathCache, by_alias
 from virt_balloon_stats.sample import SOURCES, Sample
 from virt_balloon_stats.stats import (
     ACTUAL,
@@ -179,7 +179,25 @@ class BalloonStats:
         return self.paths.resolve(self.qmp, guest, self.balloon_device(guest))
 
     def _qom_get(self, guest: Guest, device: BalloonDevice, prop: str) -> Tuple[QOMPath, object]:
-        """``qom-get`` on the balloon; re-resolves once if QEMU lost the cached path."""
+        """``qom-get`` on the balloon; re-resolves once if QEMU lost the cached path.
+
+        Before the path is known, a device with an alias is tried at
+        ``/machine/peripheral/<alias>`` straight away: the ``qom-get`` itself
+        confirms it, and only when QEMU says no is the tree listed.
+        """
+        if self.paths.get(guest) is None:
+            guess = by_alias(device)
+            if guess is not None:
+                try:
+                    value = self.qmp.qom_get(guest, guess.path, prop)
+                except QMPExecuteError as err:
+                    # DeviceNotFound: not there; GenericError "Property ... not
+                    # found": not a balloon. Either way, look properly.
+                    if err.error_class not in ("DeviceNotFound", "GenericError"):
+                        raise
+                else:
+                    self.paths.put(guest, guess)
+                    return guess, value
         path = self.paths.resolve(self.qmp, guest, device)
         try:
             return path, self.qmp.qom_get(guest, path.path, prop)

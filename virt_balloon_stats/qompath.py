@@ -26,7 +26,7 @@ from virt_balloon_stats.host import Guest
 from virt_balloon_stats.qmp import POLLING_PROPERTY
 from virt_balloon_stats.transport import QMPClient
 
-__all__ = ["MAX_LIST_CALLS", "QOMPath", "expected_qom_type", "resolve", "QOMPathCache"]
+__all__ = ["MAX_LIST_CALLS", "QOMPath", "expected_qom_type", "by_alias", "resolve", "QOMPathCache"]
 
 #: Upper bound on ``qom-list`` calls spent searching the tree for one domain.
 MAX_LIST_CALLS = 64
@@ -80,6 +80,23 @@ def expected_qom_type(device: BalloonDevice) -> str:
     raise QOMPathNotFound(
         f"no QEMU virtio balloon type for model {device.model!r} on address {device.address_type!r}"
     )
+
+
+def by_alias(device: BalloonDevice) -> Optional[QOMPath]:
+    """Where a balloon with an alias lives, unconfirmed: ``/machine/peripheral/<alias>``.
+
+    A reading's first ``qom-get`` on it confirms it (only a balloon has the
+    stats properties), which saves :func:`resolve`'s two ``qom-list`` calls;
+    if QEMU says no, the caller resolves the path properly.
+
+    :raise NoBalloonDevice: When the domain has no balloon.
+    :raise QOMPathNotFound: When the model is not a QEMU virtio balloon.
+    """
+    qom_type = expected_qom_type(device)
+    if not device.alias:
+        return None
+    path = f"/machine/peripheral/{device.alias}"
+    return QOMPath(path, qom_type, "alias", f"{path} answered the stats properties of a balloon")
 
 
 def _children_of_type(entries: List[Dict[str, str]], qom_type: str) -> List[str]:

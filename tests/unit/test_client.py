@@ -217,14 +217,13 @@ def test_source_qmp_calls_no_memory_stats(name):
 
 
 def test_sample_sends_exactly_the_read_commands():
-    """One sample: locate the balloon, read interval, guest-stats and actual; nothing else."""
+    """One sample: interval (at the alias's path, which it confirms), guest-stats and actual; nothing else."""
     fixture = load("virtio")
     path = fixture["balloon_path"]
     w = world("virtio")
-    w.client.sample(fixture["domain"]["name"])
+    sample = w.client.sample(fixture["domain"]["name"])
+    assert (sample.qom_path.path, sample.qom_path.method) == (path, "alias")
     assert w.transport.commands() == [
-        {"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}},
-        {"execute": "qom-list", "arguments": {"path": path}},
         {"execute": "qom-get", "arguments": {"path": path, "property": POLLING_PROPERTY}},
         {"execute": "qom-get", "arguments": {"path": path, "property": "guest-stats"}},
         {"execute": "query-balloon"},
@@ -234,16 +233,16 @@ def test_sample_sends_exactly_the_read_commands():
 
 
 def test_rpc_counts_of_one_sample_and_a_second_one():
-    """Round trips by call; the second sample reuses the cached QOM path (no qom-list)."""
+    """Round trips by call; the alias's path needs no qom-list, and the second sample reuses it."""
     fixture = load("virtio")
     w = world("virtio")
     guest = w.client.guest(fixture["domain"]["name"])
     w.client.sample(guest)
     assert w.client.rpc_counts == {
-        "lookupByName": 1, "state": 1, "XMLDesc": 1, "memoryStats": 1, "qemuMonitorCommand": 5,
+        "lookupByName": 1, "state": 1, "XMLDesc": 1, "memoryStats": 1, "qemuMonitorCommand": 3,
     }
     w.client.sample(guest)
-    assert w.client.rpc_counts["qemuMonitorCommand"] == 5 + 3
+    assert w.client.rpc_counts["qemuMonitorCommand"] == 3 + 3
     assert w.client.rpc_counts["memoryStats"] == 2
 
 
@@ -563,3 +562,29 @@ def test_malformed_polling_interval_is_an_unreachable_sample(value):
     assert isinstance(sample.error, QMPBadReply) and POLLING_PROPERTY in str(sample.error)
     with pytest.raises(QMPBadReply):
         w.client.polling(fixture["domain"]["name"])
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # Recorded on the testbed: no object there; an object without the property.
+        '{"id":"libvirt-437","error":{"class":"DeviceNotFound","desc":"Device '
+        "'/machine/peripheral/balloon9' not found\"}}",
+        '{"id":"libvirt-436","error":{"class":"GenericError","desc":"Property '
+        "'virtio-balloon-pci.guest-stats-polling-interval' not found\"}}",
+    ],
+)
+def test_alias_that_does_not_lead_to_the_balloon_falls_back_to_listing(reply):
+    """QEMU says no at /machine/peripheral/<alias>: the tree is listed as libvirt does, and the path found."""
+    fixture = copy.deepcopy(load("virtio"))
+    for key in ("xml_live", "xml_inactive"):
+        fixture[key] = fixture[key].replace("<alias name='balloon0'/>", "<alias name='balloon9'/>")
+    w = World([fixture], now=now_for(fixture))
+    where = {"path": "/machine/peripheral/balloon9", "property": POLLING_PROPERTY}
+    guess = {"execute": "qom-get", "arguments": where}
+    w.transport.answer(fixture["domain"]["uuid"], guess, reply)
+    sample = w.client.sample(fixture["domain"]["name"])
+    assert sample.status.value == EXPECTED_STATUS["virtio"]
+    assert sample.qom_path.path == fixture["balloon_path"] and sample.qom_path.method == "search"
+    assert w.transport.commands()[0] == guess
+    assert {"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}} in w.transport.commands()
