@@ -23,20 +23,17 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TextIO, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TextIO, Tuple, cast
 
 from virt_balloon_stats import __version__
 from virt_balloon_stats.client import BalloonStats
 from virt_balloon_stats.collector import DEFAULT_TIMEOUT, Collector, Cycle, Totals
-from virt_balloon_stats.stream import JsonLines
 from virt_balloon_stats.errors import BalloonStatsError, InvalidArgument
 from virt_balloon_stats.formats import render_json, render_stats, render_table
 from virt_balloon_stats.host import Guest, default_uri, silence_libvirt_stderr
-from virt_balloon_stats.nagios import State, render_check
 from virt_balloon_stats.polling import ROUTES, PollingState, validate_interval
 from virt_balloon_stats.sample import SOURCES, Sample
 from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS, Status
-from virt_balloon_stats.watch import Tracker, render_frame
 
 __all__ = ["main", "build_parser"]
 
@@ -343,6 +340,8 @@ def cmd_path(run: Run) -> int:
 
 def cmd_check(run: Run) -> int:
     """Nagios / Icinga plugin: one status line, perfdata, exit 0-3."""
+    from virt_balloon_stats.nagios import State, render_check  # each command imports its own
+
     samples = _sample_all(run)
     if run.failed and not samples:
         run.write(f"BALLOON UNKNOWN - no domain could be checked: {run.first_error}")
@@ -365,6 +364,8 @@ def cmd_watch(run: Run) -> int:
     costs only its own row, and a lost connection is retried while its rows
     and the header say so.
     """
+    from virt_balloon_stats.watch import Tracker, render_frame
+
     args = run.args
     tty = run.out.isatty()
     tracker = Tracker()
@@ -405,6 +406,8 @@ def cmd_watch(run: Run) -> int:
 
 def cmd_stream(run: Run) -> int:
     """JSON Lines: one document per domain per cycle, until SIGTERM, Ctrl-C or a closed pipe."""
+    from virt_balloon_stats.stream import JsonLines
+
     args = run.args
     collector = _collector(run, events=True, timeout=args.timeout or args.interval, log_changes=True)
     lines = JsonLines(collector, run.out)
@@ -662,8 +665,40 @@ _EXAMPLES = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line."""
+class _Unbuilt:
+    """Stands in for the parser of a command that is not the one being run.
+
+    Its arguments are not built: argparse spends most of a one-shot
+    command's start-up building every subcommand's options, and only the
+    command given needs them. ``--help`` on the top level still lists every
+    command.
+    """
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to build."""
+
+    def set_defaults(self, **kwargs: Any) -> None:
+        """Nothing to set."""
+
+
+def _command_word(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand named in ``argv``, if one is; ``None`` means build every command."""
+    takes_value = {"-c", "--connect"}
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in takes_value:
+            skip = True
+        elif word in ("-h", "--help"):
+            return None
+        elif not word.startswith("-"):
+            return word if word in _EXAMPLES else None
+    return None
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, just that command's options are built."""
     parser = argparse.ArgumentParser(
         prog="virt-balloon-stats",
         description="Read, control and cross-check QEMU virtio-balloon guest memory statistics "
@@ -679,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(
         name: str, func: Callable[[Run], int], help_text: str, description: str
     ) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            return cast(argparse.ArgumentParser, _Unbuilt())
         p = sub.add_parser(
             name,
             help=help_text,
@@ -900,8 +938,9 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run the command line; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_word(words))
+    args = parser.parse_args(words)
     args.connect = (args.connect or []) + (getattr(args, "connect_after", None) or []) or None
     # The long-running commands log their state changes (one line each, not per cycle).
     service = args.command in ("exporter", "stream")

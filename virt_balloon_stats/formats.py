@@ -9,8 +9,8 @@ as ``virsh`` and ``free -h`` do, unless the caller asks for raw numbers.
 
 from __future__ import annotations
 
-import datetime
 import json
+import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from virt_balloon_stats.crosscheck import Verdict
@@ -126,7 +126,7 @@ def _verdict(verdict: Optional[Verdict]) -> str:
 def _when(epoch: Optional[int]) -> str:
     if epoch is None:
         return "never"
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
 def render_stats(samples: Sequence[Sample], *, raw_bytes: bool = False, show_uri: bool = False) -> str:

@@ -9,7 +9,7 @@ zeros. A trend is a small sparkline of the last few values.
 from __future__ import annotations
 
 import collections
-import datetime
+import time
 from typing import TYPE_CHECKING, Deque, Dict, Iterable, Optional, Sequence, Tuple
 
 from virt_balloon_stats.formats import format_age, human_bytes, render_table
@@ -104,7 +104,7 @@ def render_frame(
     hosts: Iterable[HostState] = (),
 ) -> str:
     """One screenful: a header line, a line per connection that is down, and a row per domain."""
-    stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     header: Tuple[str, ...] = (
         ("DOMAIN", "STATUS", "AGE", "TOTAL", "FREE", "AVAIL")
         + tuple(label for _, label in _RATES)
