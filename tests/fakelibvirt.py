@@ -351,6 +351,10 @@ class FakeConnect:
                 continue  # libvirt skips domains that no longer exist
             record: Dict[str, Any] = {}
             if stats & libvirt.VIR_DOMAIN_STATS_BALLOON:
+                if dom.UUIDString() not in self._busy:
+                    # libvirt asks QEMU for the balloon figures: a hung QEMU
+                    # whose job is free holds the whole call (hang() on this).
+                    dom.enter("domainListGetStats")
                 record.update(dom.fixture["all_domain_stats"])
                 if dom.UUIDString() in self._busy:
                     if not flags & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT:

@@ -523,7 +523,7 @@ class Collector:
             if now >= cutoff and not closed:
                 closed = True
                 for batch in batches:
-                    batch.close()
+                    batch.close(self._pool)
             for batch in batches:
                 batch.fire(force=closed)
                 batch.finish_returned(self._pool)
@@ -847,6 +847,14 @@ class _BulkRound:
 class _Batches:
     """One host's bulk calls in one cycle: readings waiting, calls out, and their finishing.
 
+    Domains that answered in the last cycle get their bulk call at once,
+    alongside their QMP reads, as the bare floor does: they are very likely
+    to answer again. If one of them has just hung, that call may block on it
+    (its job was free); at the cutoff the others then ask libvirt on their own,
+    still on time. The other domains (new ones, or not read last time) are
+    put in bulk calls in chunks as their QMP reads come back, so a QEMU
+    already known to be in trouble is never part of a bulk call.
+
     Used by the collector's thread only.
     """
 
@@ -859,7 +867,16 @@ class _Batches:
         self.work = work
         self.balloon = balloon
         self.index = {entry.guest.uuid: i for i, (entry, _) in enumerate(work)}
-        self.expected = sum(1 for _, item in work if isinstance(item, concurrent.futures.Future))
+        reading = [entry for entry, item in work if isinstance(item, concurrent.futures.Future)]
+        trusted = [e for e in reading if e.last is not None and e.last.status not in _UNTRUSTED]
+        self.early: Optional["concurrent.futures.Future[Dict[str, DomainRecord]]"] = None
+        self.early_uuids = {e.guest.uuid for e in trusted}
+        self.early_ready: List[Reading] = []
+        if trusted:
+            self.early = self._call([e.guest for e in trusted])
+            if self.early is None:
+                self.early_uuids = set()
+        self.expected = len(reading) - len(self.early_uuids)
         size = max(BULK_MIN_CHUNK, -(-self.expected // BULK_CHUNKS))
         self.chunks = [size] * (BULK_CHUNKS - 1)  # the last call takes whatever is left
         self.waiting: List[Reading] = []
@@ -872,17 +889,30 @@ class _Batches:
         return self._reads
 
     def calls_pending(self) -> "List[concurrent.futures.Future[Dict[str, DomainRecord]]]":
-        return [f for f in self.calls if not f.done()]
+        pending = [f for f in self.calls if not f.done()]
+        if self.early is not None and self.early_ready and not self.early.done():
+            pending.append(self.early)
+        return pending
 
     def idle(self) -> bool:
-        return not self.waiting and not self.calls
+        return not self.waiting and not self.calls and not self.early_ready
 
-    def close(self) -> None:
-        self.waiting.extend(self.round.close())
+    def _take(self, readings: List[Reading]) -> None:
+        for reading in readings:
+            (self.early_ready if reading.guest.uuid in self.early_uuids else self.waiting).append(reading)
+
+    def close(self, pool: WorkerPool) -> None:
+        """The cutoff: no more joins; an early call still out is not waited for."""
+        self._take(self.round.close())
+        if self.early is not None and not self.early.done() and self.early_ready:
+            LOG.info("%s: the bulk stats call did not return in time; asking per domain", self.session.uri)
+            readings, self.early_ready = self.early_ready, []
+            self._finish(pool, readings, {})
+        self.early_uuids = set()
 
     def fire(self, *, force: bool) -> None:
         """Start a bulk call for the waiting readings once a chunk is ready (or all reads are back)."""
-        self.waiting.extend(self.round.take())
+        self._take(self.round.take())
         if not self.waiting:
             return
         chunk = self.chunks[0] if self.chunks else self.expected
@@ -890,35 +920,42 @@ class _Batches:
             return
         readings, self.waiting = self.waiting, []
         self.chunks = self.chunks[1:]
+        # None: libvirtd has not answered earlier bulk calls; ask per domain instead.
+        self.calls[self._call([r.guest for r in readings]) or _done({})] = readings
+
+    def _call(self, guests: List[Guest]) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
         pending = [f for f in self.session.bulk_pending if not f.done()]
         if len(pending) >= BULK_CHUNKS:
-            # libvirtd has not answered earlier bulk calls: ask per domain instead.
-            self.calls[_done({})] = readings
-            return
-        guests = [r.guest for r in readings]
+            return None
         client, balloon = self.client, self.balloon
         future = self.session.bulk_pool.submit(lambda: client.host.domain_records(guests, balloon=balloon))
         self.session.bulk_pending = pending + [future]
-        self.calls[future] = readings
+        return future
 
     def finish_returned(self, pool: WorkerPool) -> None:
         """Finish, in the workers, the domains of every bulk call that has returned."""
+        if self.early is not None and self.early.done() and self.early_ready:
+            readings, self.early_ready = self.early_ready, []
+            self._finish(pool, readings, self._records(self.early))
         for future in [f for f in self.calls if f.done()]:
-            readings = self.calls.pop(future)
-            try:
-                records = future.result()
-            except BalloonStatsError as err:
-                # Each domain then asks on its own (and a lost connection shows there).
-                LOG.debug("%s: bulk stats failed: %s", self.session.uri, err)
-                records = {}
-            self._finish(pool, readings, records)
+            self._finish(pool, self.calls.pop(future), self._records(future))
+
+    def _records(
+        self, future: "concurrent.futures.Future[Dict[str, DomainRecord]]"
+    ) -> Dict[str, DomainRecord]:
+        try:
+            return future.result()
+        except BalloonStatsError as err:
+            # Each domain then asks on its own (and a lost connection shows there).
+            LOG.debug("%s: bulk stats failed: %s", self.session.uri, err)
+            return {}
 
     def abandon(self, pool: WorkerPool) -> None:
         """The deadline passed: finish what is left without waiting for libvirt's bulk answer."""
         if self.calls:
             LOG.info("%s: a bulk stats call did not return in time", self.session.uri)
-        leftover = [r for readings in self.calls.values() for r in readings] + self.waiting
-        self.calls, self.waiting = {}, []
+        leftover = [r for readings in self.calls.values() for r in readings] + self.waiting + self.early_ready
+        self.calls, self.waiting, self.early_ready = {}, [], []
         self._finish(pool, leftover, {})
 
     def _finish(self, pool: WorkerPool, readings: List[Reading], records: Dict[str, DomainRecord]) -> None:
@@ -927,6 +964,10 @@ class _Batches:
             entry, _ = self.work[index]
             entry.pending = pool.submit(self.client.finish_sample, reading, records.get(reading.guest.uuid))
             self.work[index] = (entry, entry.pending)
+
+
+#: Statuses after which a domain is not trusted with an early bulk call.
+_UNTRUSTED = (Status.UNRESPONSIVE, Status.UNREACHABLE)
 
 
 def _done(value: Dict[str, DomainRecord]) -> "concurrent.futures.Future[Dict[str, DomainRecord]]":
