@@ -95,10 +95,10 @@ LOST_CONNECTION = "lost the libvirt connection; reconnecting"
 #: Seconds early a reconnect attempt may start, to match the cycle schedule.
 _RETRY_SLACK = 0.25
 
-#: A cycle's bulk calls per host: each covers about 1/BULK_CHUNKS of the
-#: domains, and starts as soon as they have read QEMU, so libvirt's serial
-#: work for one chunk overlaps the QMP reads of the next.
-BULK_CHUNKS = 4
+#: A cycle's bulk calls per host, at most (and no more than ``workers``): each
+#: covers a share of the domains, so libvirt's work, serial inside one call,
+#: runs in parallel across calls and overlaps the QMP reads.
+BULK_CHUNKS = 3
 
 #: No bulk call for fewer domains than this, unless they are all there are.
 BULK_MIN_CHUNK = 6
@@ -205,7 +205,7 @@ _Work = Tuple[_Entry, Union[Sample, "_Future[Union[Reading, Sample]]"]]
 class _HostSession:
     """One URI: its connection, event queue, domain entries and reconnect schedule."""
 
-    def __init__(self, uri: str, client: Optional[BalloonStats]) -> None:
+    def __init__(self, uri: str, client: Optional[BalloonStats], bulk_calls: int = 1) -> None:
         self.uri = uri
         self.client = client
         self.owned = client is None  # a session we opened is ours to close
@@ -218,7 +218,8 @@ class _HostSession:
         self.seen: Dict[str, int] = {}  # the RPC counter at the end of the last cycle
         self.order: List[str] = []  # UUIDs in the order samples are reported
         # The bulk call runs apart from the domain readers, which wait for it.
-        self.bulk_pool = WorkerPool(BULK_CHUNKS, BULK_CHUNKS, name="vbs-bulk")
+        self.bulk_calls = bulk_calls  # bulk calls in flight at once, at most
+        self.bulk_pool = WorkerPool(bulk_calls, bulk_calls, name="vbs-bulk")
         self.bulk_pending: "List[concurrent.futures.Future[Dict[str, DomainRecord]]]" = []
 
 
@@ -287,13 +288,16 @@ class Collector:
         self._interval: Optional[float] = None  # set by run()
         if events:
             start_event_loop()
+        # ``workers`` bounds the bulk calls in flight too: one worker means one
+        # QMP read and one bulk call at a time.
+        bulk = min(BULK_CHUNKS, workers)
         if clients is not None:
-            self._sessions = [_HostSession(c.host.uri, c) for c in clients]
+            self._sessions = [_HostSession(c.host.uri, c, bulk) for c in clients]
             for session in self._sessions:
                 assert session.client is not None
                 session.seen = session.client.host.counter.snapshot()  # count only our own calls
         else:
-            self._sessions = [_HostSession(u, None) for u in (uris or [default_uri()])]
+            self._sessions = [_HostSession(u, None, bulk) for u in (uris or [default_uri()])]
 
     # -- life cycle ----------------------------------------------------------
 
@@ -869,16 +873,22 @@ class _Batches:
         self.index = {entry.guest.uuid: i for i, (entry, _) in enumerate(work)}
         reading = [entry for entry, item in work if isinstance(item, concurrent.futures.Future)]
         trusted = [e for e in reading if e.last is not None and e.last.status not in _UNTRUSTED]
-        self.early: Optional["concurrent.futures.Future[Dict[str, DomainRecord]]"] = None
-        self.early_uuids = {e.guest.uuid for e in trusted}
+        # UUID -> the early call that covers it.
+        self.early: Dict[str, "concurrent.futures.Future[Dict[str, DomainRecord]]"] = {}
         self.early_ready: List[Reading] = []
-        if trusted:
-            self.early = self._call([e.guest for e in trusted])
-            if self.early is None:
-                self.early_uuids = set()
+        calls = session.bulk_calls
+        size = -(-len(trusted) // calls)
+        for start in range(0, len(trusted), max(size, BULK_MIN_CHUNK)):
+            chunk = trusted[start:start + max(size, BULK_MIN_CHUNK)]
+            # Not NOWAIT: the QMP reads in flight hold these domains' jobs for a
+            # moment, and NOWAIT would skip them; libvirt waits its turn instead.
+            future = self._call([e.guest for e in chunk], nowait=False)
+            if future is not None:
+                self.early.update((e.guest.uuid, future) for e in chunk)
+        self.early_uuids = set(self.early)
         self.expected = len(reading) - len(self.early_uuids)
-        size = max(BULK_MIN_CHUNK, -(-self.expected // BULK_CHUNKS))
-        self.chunks = [size] * (BULK_CHUNKS - 1)  # the last call takes whatever is left
+        size = max(BULK_MIN_CHUNK, -(-self.expected // calls))
+        self.chunks = [size] * (calls - 1)  # the last call takes whatever is left
         self.waiting: List[Reading] = []
         self.calls: Dict["concurrent.futures.Future[Dict[str, DomainRecord]]", List[Reading]] = {}
         self._reads = [item for _, item in work if isinstance(item, concurrent.futures.Future)]
@@ -890,8 +900,8 @@ class _Batches:
 
     def calls_pending(self) -> "List[concurrent.futures.Future[Dict[str, DomainRecord]]]":
         pending = [f for f in self.calls if not f.done()]
-        if self.early is not None and self.early_ready and not self.early.done():
-            pending.append(self.early)
+        early = {id(f): f for f in (self.early[r.guest.uuid] for r in self.early_ready) if not f.done()}
+        pending += early.values()
         return pending
 
     def idle(self) -> bool:
@@ -904,10 +914,11 @@ class _Batches:
     def close(self, pool: WorkerPool) -> None:
         """The cutoff: no more joins; an early call still out is not waited for."""
         self._take(self.round.close())
-        if self.early is not None and not self.early.done() and self.early_ready:
-            LOG.info("%s: the bulk stats call did not return in time; asking per domain", self.session.uri)
-            readings, self.early_ready = self.early_ready, []
-            self._finish(pool, readings, {})
+        late = [r for r in self.early_ready if not self.early[r.guest.uuid].done()]
+        if late:
+            LOG.info("%s: a bulk stats call did not return in time; asking per domain", self.session.uri)
+            self.early_ready = [r for r in self.early_ready if r not in late]
+            self._finish(pool, late, {})
         self.early_uuids = set()
 
     def fire(self, *, force: bool) -> None:
@@ -923,20 +934,26 @@ class _Batches:
         # None: libvirtd has not answered earlier bulk calls; ask per domain instead.
         self.calls[self._call([r.guest for r in readings]) or _done({})] = readings
 
-    def _call(self, guests: List[Guest]) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
+    def _call(
+        self, guests: List[Guest], nowait: bool = True
+    ) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
         pending = [f for f in self.session.bulk_pending if not f.done()]
-        if len(pending) >= BULK_CHUNKS:
+        if len(pending) >= self.session.bulk_calls:
             return None
         client, balloon = self.client, self.balloon
-        future = self.session.bulk_pool.submit(lambda: client.host.domain_records(guests, balloon=balloon))
+        future = self.session.bulk_pool.submit(
+            lambda: client.host.domain_records(guests, balloon=balloon, nowait=nowait)
+        )
         self.session.bulk_pending = pending + [future]
         return future
 
     def finish_returned(self, pool: WorkerPool) -> None:
         """Finish, in the workers, the domains of every bulk call that has returned."""
-        if self.early is not None and self.early.done() and self.early_ready:
-            readings, self.early_ready = self.early_ready, []
-            self._finish(pool, readings, self._records(self.early))
+        answered = [r for r in self.early_ready if self.early[r.guest.uuid].done()]
+        if answered:
+            self.early_ready = [r for r in self.early_ready if r not in answered]
+            for reading in answered:
+                self._finish(pool, [reading], self._records(self.early[reading.guest.uuid]))
         for future in [f for f in self.calls if f.done()]:
             self._finish(pool, self.calls.pop(future), self._records(future))
 
