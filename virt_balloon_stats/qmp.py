@@ -16,37 +16,80 @@ from typing import Any, Mapping, Optional
 
 from virt_balloon_stats.errors import CommandNotAllowed, QMPBadReply, QMPExecuteError
 
-__all__ = ["POLLING_PROPERTY", "check_allowed", "build_command", "parse_reply"]
+__all__ = ["POLLING_PROPERTY", "READABLE_PROPERTIES", "check_allowed", "build_command", "parse_reply"]
 
 #: The QOM property that sets QEMU's stats timer, in seconds (0 disables).
 #: QEMU's docs/virtio-balloon-stats.txt spells it ``stats-polling-interval``
 #: in its last example; that name does not exist.
 POLLING_PROPERTY = "guest-stats-polling-interval"
 
-_READ_ONLY_COMMANDS = frozenset({"qom-list", "qom-get", "query-balloon"})
+#: The only properties ever read or written: a ``qom-get`` of anything else
+#: (another object's secrets, say) is refused like any other command.
+READABLE_PROPERTIES = frozenset({"guest-stats", POLLING_PROPERTY})
+
+#: QEMU's own upper bound for the interval (a uint32 of seconds).
+_MAX_INTERVAL = 2**32 - 1
+
+#: Longest QOM path accepted; real ones are well under 200 characters.
+_MAX_PATH = 512
+
+#: The exact argument members each allowed command takes.
+_SHAPES = {
+    "qom-list": {"path"},
+    "qom-get": {"path", "property"},
+    "qom-set": {"path", "property", "value"},
+    "query-balloon": set(),
+}
 
 
 def check_allowed(execute: str, arguments: Optional[Mapping[str, Any]] = None) -> None:
     """Refuse any command this tool has no business sending.
 
-    Allowed: ``qom-list``, ``qom-get``, ``query-balloon``, and ``qom-set`` of
-    :data:`POLLING_PROPERTY` alone.
+    Allowed, with exactly these members and nothing else (no ``id``, no
+    extras, names in QEMU's own case): ``query-balloon``; ``qom-list`` of a
+    path under ``/machine``; ``qom-get`` of ``guest-stats`` or
+    :data:`POLLING_PROPERTY` on such a path; ``qom-set`` of
+    :data:`POLLING_PROPERTY` to a whole number of seconds (0 to 2^32-1).
 
     :raise CommandNotAllowed: When the command is not on the allowlist.
     """
-    if execute in _READ_ONLY_COMMANDS:
-        return
-    if execute == "qom-set":
-        prop = (arguments or {}).get("property")
-        if prop == POLLING_PROPERTY:
-            return
+    args = dict(arguments or {})
+    shape = _SHAPES.get(execute) if isinstance(execute, str) else None
+    if shape is None:
         raise CommandNotAllowed(
-            f"qom-set is allowed only for {POLLING_PROPERTY!r}, not {prop!r}; nothing was sent"
+            f"QMP command {execute!r} is not allowed (only qom-list, qom-get, query-balloon "
+            f"and qom-set of {POLLING_PROPERTY!r}); nothing was sent"
         )
-    raise CommandNotAllowed(
-        f"QMP command {execute!r} is not allowed (only qom-list, qom-get, query-balloon "
-        f"and qom-set of {POLLING_PROPERTY!r}); nothing was sent"
-    )
+    if execute == "qom-set" and args.get("property") != POLLING_PROPERTY:
+        raise CommandNotAllowed(
+            f"qom-set is allowed only for {POLLING_PROPERTY!r}, not {args.get('property')!r}; "
+            "nothing was sent"
+        )
+    if set(args) != shape:
+        raise CommandNotAllowed(
+            f"{execute} takes exactly {sorted(shape) or 'no arguments'}, not {sorted(map(str, args))}; "
+            "nothing was sent"
+        )
+    if "path" in shape:
+        path = args["path"]
+        if not isinstance(path, str) or not (path == "/machine" or path.startswith("/machine/")):
+            raise CommandNotAllowed(
+                f"{execute} is allowed only under /machine, not {path!r:.80}; nothing was sent"
+            )
+        if len(path) > _MAX_PATH or any(ord(c) < 0x20 for c in path):
+            raise CommandNotAllowed(f"{execute}: not a QOM path: {path!r:.80}; nothing was sent")
+    if execute == "qom-get" and args["property"] not in READABLE_PROPERTIES:
+        raise CommandNotAllowed(
+            f"qom-get is allowed only for {sorted(READABLE_PROPERTIES)}, not {args['property']!r:.80}; "
+            "nothing was sent"
+        )
+    if execute == "qom-set":
+        value = args["value"]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_INTERVAL:
+            raise CommandNotAllowed(
+                f"qom-set of {POLLING_PROPERTY} takes whole seconds from 0 to {_MAX_INTERVAL}, "
+                f"not {value!r:.80}; nothing was sent"
+            )
 
 
 def build_command(execute: str, arguments: Optional[Mapping[str, Any]] = None) -> str:

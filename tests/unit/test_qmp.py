@@ -86,9 +86,15 @@ def test_refused_commands_never_reach_libvirt(execute, arguments):
 
 @pytest.mark.parametrize("command, reply", ALL_EXCHANGES)
 def test_every_recorded_command_is_allowed_and_built_without_id(command, reply):
-    """The commands the recorder sent are the package's kind, except the doc-typo qom-set."""
+    """The commands the recorder sent are the package's kind, except the error cases it provoked.
+
+    It also sent the doc-typo qom-set and a qom-set of -1, to record QEMU's
+    answers; the package refuses both before anything is sent.
+    """
     arguments = command.get("arguments")
-    if command["execute"] == "qom-set" and arguments["property"] != POLLING_PROPERTY:
+    if command["execute"] == "qom-set" and (
+        arguments["property"] != POLLING_PROPERTY or arguments["value"] < 0
+    ):
         with pytest.raises(CommandNotAllowed):
             build_command(command["execute"], arguments)
         return
