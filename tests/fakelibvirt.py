@@ -27,7 +27,7 @@ import collections
 import json
 import re
 import threading
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import libvirt
 
@@ -246,6 +246,7 @@ class FakeConnect:
         self.calls: List[Tuple[str, Tuple[Any, ...]]] = []
         self._after: Dict[str, List[Callable[[], None]]] = {}
         self._event_callbacks: List[Tuple[int, Any, Callable[..., Any], Any]] = []
+        self.deregistered: Set[int] = set()  # callback ids given back to domainEventDeregisterAny
         self._close_callbacks: List[Tuple[Callable[..., Any], Any]] = []
         for dom in self.domains:
             dom.connection = self
@@ -385,6 +386,24 @@ class FakeConnect:
             self._event_callbacks.append((event_id, dom, cb, opaque))
             return len(self._event_callbacks) - 1
 
+    def domainEventDeregisterAny(self, callback_id: int) -> int:
+        self._called("domainEventDeregisterAny", callback_id)
+        with self._lock:
+            if not 0 <= callback_id < len(self._event_callbacks) or callback_id in self.deregistered:
+                raise libvirt_error(libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_FROM_NONE, "no such callback")
+            self.deregistered.add(callback_id)
+        return 0
+
+    def unregisterCloseCallback(self) -> int:
+        self._called("unregisterCloseCallback")
+        with self._lock:
+            self._close_callbacks.clear()
+        return 0
+
+    def getLibVersion(self) -> int:
+        self._called("getLibVersion")
+        return 9000000
+
     def registerCloseCallback(self, cb: Callable[..., Any], opaque: Any) -> int:
         self._called("registerCloseCallback")
         with self._lock:
@@ -403,8 +422,8 @@ class FakeConnect:
         callbacks were called.
         """
         with self._lock:
-            targets = [(cb, opaque) for eid, only, cb, opaque in self._event_callbacks
-                       if eid == event_id and (only is None or only is dom)]
+            targets = [(cb, opaque) for i, (eid, only, cb, opaque) in enumerate(self._event_callbacks)
+                       if eid == event_id and (only is None or only is dom) and i not in self.deregistered]
         for cb, opaque in targets:
             cb(self, dom, *args, opaque)
         return len(targets)

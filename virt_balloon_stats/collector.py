@@ -458,7 +458,7 @@ class Collector:
                     by_uri[session.uri][type(sample.error).__name__] += 1
                 samples.append(sample)
                 self._log_change(session.uri, sample)
-            if lost and session.client is not None:
+            if lost and session.client is not None and not session.client.host.alive():
                 self._lose(session, "a call failed on a lost connection")
                 hosts[session.uri] = self._down(session)
                 samples = [self._lost(s) if s.uri == session.uri else s for s in samples]

@@ -218,6 +218,13 @@ def translate_error(err: libvirt.libvirtError, *, call: str, domain: Optional[st
         return OperationTimedOut(
             f"libvirt timed out; QEMU may be hung or busy, try again later ({text})", **fields
         )
+    if code == libvirt.VIR_ERR_SYSTEM_ERROR and err.get_error_domain() == libvirt.VIR_FROM_QEMU:
+        # QEMU's monitor went away during the call ("Unable to read from monitor:
+        # Connection reset by peer", seen on the testbed when a domain is
+        # destroyed mid-call): the domain stopped, libvirt's connection is fine.
+        return DomainNotRunning(
+            f"the domain stopped while it was being read; QEMU's monitor closed ({text})", **fields
+        )
     if code in _CONNECTION_CODES or err.get_error_domain() in (
         libvirt.VIR_FROM_RPC,
         libvirt.VIR_FROM_REMOTE,
@@ -312,6 +319,7 @@ class Host:
         self.conn = conn
         self.uri = uri
         self.counter = counter or RPCCounter()
+        self._callbacks: List[int] = []  # domain event registrations, undone by close()
 
     @classmethod
     def open(cls, uri: Optional[str] = None, *, readonly: bool = False) -> "Host":
@@ -334,9 +342,29 @@ class Host:
         return cls(conn, target, counter)
 
     def close(self) -> None:
-        """Close the connection; errors on close are of no use to anyone."""
+        """Close the connection; errors on close are of no use to anyone.
+
+        Event and close-callback registrations hold references to the
+        connection, so they go first: otherwise the socket stays open.
+        """
+        for callback_id in self._callbacks:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.conn.domainEventDeregisterAny(callback_id)
+        if self._callbacks:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.conn.unregisterCloseCallback()
+        self._callbacks = []
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
+
+    def alive(self) -> bool:
+        """Whether the connection still answers (one cheap round trip)."""
+        try:
+            with libvirt_call(self.counter, "getLibVersion"):
+                self.conn.getLibVersion()
+        except LibvirtFailure:
+            return False
+        return True
 
     def __enter__(self) -> "Host":
         return self
@@ -447,7 +475,7 @@ class Host:
         )
         for event_id, callback in registrations:
             with libvirt_call(self.counter, "domainEventRegisterAny"):
-                self.conn.domainEventRegisterAny(None, event_id, callback, None)
+                self._callbacks.append(self.conn.domainEventRegisterAny(None, event_id, callback, None))
         with libvirt_call(self.counter, "registerCloseCallback"):
             self.conn.registerCloseCallback(closed, None)
         if keepalive:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple
 import libvirt
 import pytest
 
-from tests.fakelibvirt import FakeDomain, connection_lost_error
+from tests.fakelibvirt import FakeDomain, connection_lost_error, libvirt_error
 from tests.unit.conftest import (
     EXPECTED_STATUS,
     URI,
@@ -884,6 +884,26 @@ def test_events_are_registered_on_the_connection_it_opens():
     ])
     assert len(conn.calls_to("registerCloseCallback")) == 1
     assert conn.calls_to("setKeepAlive") == [(5, 3)]
+
+
+def test_a_domain_stopping_mid_call_is_not_taken_for_a_lost_connection():
+    """libvirt's error 38 from QEMU's monitor (seen when a domain is destroyed mid-call): the domain
+    leaves the cycle; the connection, which still answers, is kept (no reconnect, nothing leaked)."""
+    names = ["virtio-hog", "nostats"]
+    opener = Opener(names)
+    with _events_collector(opener) as collector:
+        collector.collect()
+        w = opener.worlds[0]
+        dom = _dom(w, "virtio-hog")
+        dom.fail("qemuMonitorCommand", libvirt_error(
+            libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_QEMU,
+            "Unable to read from monitor: Connection reset by peer",
+        ))
+        w.conn.after("qemuMonitorCommand", lambda: w.conn.destroy(dom))
+        cycle = collector.collect()
+    assert by_name(cycle) == _expected(["nostats"])
+    assert cycle.hosts[URI].up and cycle.problems == ()
+    assert len(opener.worlds) == 1  # never reopened
 
 
 def test_with_events_steady_cycles_do_not_list_domains():

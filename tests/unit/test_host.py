@@ -108,6 +108,13 @@ SYNTHETIC = [
         "internal error: client socket is closed",
         ConnectionFailed, id="1-from-rpc",
     ),
+    # Seen on the testbed: a domain destroyed while a qemuMonitorCommand to it
+    # was in flight. QEMU's monitor went away; libvirt's connection did not.
+    pytest.param(
+        libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_QEMU,
+        "Unable to read from monitor: Connection reset by peer",
+        DomainNotRunning, id="38-from-qemu-monitor",
+    ),
     pytest.param(
         libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_REMOTE,
         "internal error: unexpected reply",
@@ -380,3 +387,16 @@ def test_host_open_uses_libvirt_default_uri(monkeypatch):
     assert host.uri == "qemu+tcp://127.0.0.1/system"
     assert seen == [("open", "qemu:///system"), ("ro", "qemu+tcp://127.0.0.1/system")]
     assert host.counter.snapshot() == {"openReadOnly": 1}
+
+
+def test_close_gives_back_event_registrations_before_closing():
+    """Registrations hold the connection: close() undoes them, or its socket would stay open."""
+    conn = FakeConnect([], not_found=libvirt_error_record("unknown-domain"))
+    host = Host(conn, "qemu:///system")
+    host.watch(lambda event: None)
+    registered = len(conn.calls_to("domainEventRegisterAny"))
+    host.close()
+    assert registered == 4 and conn.deregistered == set(range(registered))
+    names = [name for name, _ in conn.calls]
+    assert names.count("unregisterCloseCallback") == 1
+    assert names.index("unregisterCloseCallback") < names.index("close") and conn.closed

@@ -1,0 +1,193 @@
+"""Reliability on the real testbed: ballooning under collection, and a soak of domain churn.
+
+The soak runs the installed exporter over every running domain while
+domains are started and destroyed in a loop, and measures the exporter's
+threads, open file descriptors and resident memory before and after: no
+growth beyond a stated bound, no domain lost, no traceback in its log. CI
+runs it for ``VBS_SOAK_SECONDS`` (60 by default); ``tox -e soak`` runs it
+longer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Set
+
+import libvirt
+import pytest
+
+from tests.integration.conftest import PREFIX, TESTBED, URI, Connection
+from tests.integration.test_exporter import Exporter, parse, status_of
+from virt_balloon_stats.collector import Collector
+from virt_balloon_stats.crosscheck import Result
+
+MIB = 1024 * 1024
+
+#: Bounds on what the exporter may grow by over the soak (after its warm-up).
+MAX_NEW_THREADS = 2
+MAX_NEW_FDS = 8
+MAX_RSS_GROWTH_MB = 12.0
+
+
+def proc_status(pid: int) -> Dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def resources(pid: int) -> Dict[str, Any]:
+    status = proc_status(pid)
+    fds = os.listdir(f"/proc/{pid}/fd")
+    kinds: Dict[str, int] = {}
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}").split("[")[0].split(":")[0]
+            kinds[target] = kinds.get(target, 0) + 1
+    return {
+        "threads": int(status["Threads"]),
+        "fds": len(fds),
+        "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+        "fd_kinds": kinds,
+    }
+
+
+def test_ballooning_down_and_up_during_collection(domains):
+    """``virsh setmem`` under a running collector: ``actual`` follows, every cycle stays exact."""
+    name = domains.create("virtio", "setmem", "--memory", "256", wait_stats=True)
+    results = []
+    with Collector([URI], domains=[name], events=True, timeout=5) as collector:
+        def cycle_until(predicate, within: float) -> None:
+            began = time.monotonic()
+            while time.monotonic() - began < within:
+                sample = collector.collect().samples[0]
+                results.append(sample)
+                if predicate(sample):
+                    return
+                time.sleep(0.5)
+            pytest.fail(f"{name}: not reached within {within} s; last {results[-1].to_dict()}")
+
+        cycle_until(lambda s: s.status.value == "ok", 10)
+        setmem = ["virsh", "-c", URI, "setmem", name]
+        subprocess.run(setmem + ["160M", "--live"], check=True, capture_output=True)
+        cycle_until(lambda s: s.actual_bytes == 160 * MIB and s.get("stat-total-memory") < 200 * MIB, 30)
+        subprocess.run(setmem + ["256M", "--live"], check=True, capture_output=True)
+        cycle_until(lambda s: s.actual_bytes == 256 * MIB, 30)
+    assert {s.status.value for s in results} == {"ok"}, [s.status.value for s in results]
+    assert not [s for s in results if s.crosscheck.result is Result.MISMATCH]
+    assert all(s.error is None for s in results)
+
+
+@pytest.fixture
+def soak_seconds() -> float:
+    return float(os.environ.get("VBS_SOAK_SECONDS", "60"))
+
+
+def _noos_xml(name: str) -> str:
+    proc = subprocess.run([str(TESTBED), "xml", "noos", "--name", name], capture_output=True, text=True,
+                          check=True, timeout=60)
+    return proc.stdout
+
+
+@pytest.fixture
+def churn(libvirt_conn: Connection) -> Iterator["Churn"]:
+    c = Churn(libvirt_conn.get())
+    try:
+        yield c
+    finally:
+        c.destroy_all()
+
+
+class Churn:
+    """Starts and destroys transient no-OS domains named ``vbs-tb-soak-*`` (and only those)."""
+
+    def __init__(self, conn: "libvirt.virConnect") -> None:
+        self.conn = conn
+        self.running: Dict[str, float] = {}  # name -> when it was started
+        self.template = _noos_xml(f"{PREFIX}soak-template")
+
+    def start(self, name: str) -> None:
+        assert name.startswith(f"{PREFIX}soak-")
+        xml = self.template.replace(f"{PREFIX}soak-template", name)
+        self.conn.createXML(xml, 0)
+        self.running[name] = time.monotonic()
+
+    def destroy(self, name: str) -> None:
+        assert name.startswith(f"{PREFIX}soak-")
+        try:
+            self.conn.lookupByName(name).destroy()
+        except libvirt.libvirtError:
+            pass
+        self.running.pop(name, None)
+
+    def destroy_all(self) -> None:
+        for name in list(self.running):
+            self.destroy(name)
+
+
+def test_soak_exporter_under_domain_churn(churn, soak_seconds):
+    """Domains come and go under the exporter; it loses none and grows by no more than the bounds."""
+    interval = 1.0
+    running = Exporter("--interval", str(interval), "--timeout", "5")
+    gone: Set[str] = set()
+    misses: List[str] = []
+    try:
+        running.wait_ready()
+        # Warm-up: one round of churn, so the baseline includes every pool and cache.
+        for i in range(10):
+            churn.start(f"{PREFIX}soak-warm{i}")
+        time.sleep(3 * interval)
+        churn.destroy_all()
+        time.sleep(3 * interval)
+        before = resources(running.proc.pid)
+        began, rounds, started = time.monotonic(), 0, 0
+        while time.monotonic() - began < soak_seconds:
+            rounds += 1
+            names = [f"{PREFIX}soak-{rounds}-{i}" for i in range(30)]
+            for name in names:
+                churn.start(name)
+                started += 1
+            deadline = time.monotonic() + 2 * interval + 2
+            while time.monotonic() < deadline:
+                series = running.scrape()
+                seen = {dict(lab)["domain"] for (n, lab) in series if n == "virt_balloon_status"}
+                if set(names) <= seen:
+                    break
+                time.sleep(0.3)
+            else:
+                misses.append(f"round {rounds}: {sorted(set(names) - seen)[:3]} not exported")
+            for name in names:
+                status = status_of(series, name)
+                if status != "never_updated":
+                    misses.append(f"{name}: {status}")
+            for name in names[::2]:
+                churn.destroy(name)
+                gone.add(name)
+            time.sleep(2 * interval + 0.5)
+            series = running.scrape()
+            seen = {dict(lab)["domain"] for (n, lab) in series if n == "virt_balloon_status"}
+            if seen & gone:
+                misses.append(f"round {rounds}: destroyed domains still exported: {sorted(seen & gone)[:3]}")
+            churn.destroy_all()
+            time.sleep(interval)
+        after = resources(running.proc.pid)
+        up = parse(running.get()[1])
+    finally:
+        churn.destroy_all()
+        log = running.stop()
+    print(f"soak: {rounds} rounds, {started} domains started and destroyed in {soak_seconds:g} s; "
+          f"exporter before {before}, after {after}")
+    assert not misses, misses[:10]
+    assert after["threads"] <= before["threads"] + MAX_NEW_THREADS, (before, after)
+    assert after["fds"] <= before["fds"] + MAX_NEW_FDS, (before, after)
+    assert after["rss_mb"] <= before["rss_mb"] + MAX_RSS_GROWTH_MB, (before, after)
+    assert any(n == "virt_balloon_up" and v == 1 for (n, _), v in up.items())
+    assert "Traceback" not in log, log[-2000:]
+    assert "unresponsive" not in log, log[-2000:]
+    assert running.proc.returncode == 0 or running.proc.returncode == -signal.SIGTERM
