@@ -30,7 +30,7 @@ MIB = 1024 * 1024
 
 #: Bounds on what the exporter may grow by over the soak (after its warm-up).
 MAX_NEW_THREADS = 2
-MAX_NEW_FDS = 8
+MAX_NEW_FDS = 4
 MAX_RSS_GROWTH_MB = 12.0
 
 
