@@ -527,7 +527,7 @@ class Collector:
             if now >= cutoff and not closed:
                 closed = True
                 for batch in batches:
-                    batch.close(self._pool)
+                    batch.close()
             for batch in batches:
                 batch.fire(force=closed)
                 batch.finish_returned(self._pool)
@@ -851,13 +851,12 @@ class _BulkRound:
 class _Batches:
     """One host's bulk calls in one cycle: readings waiting, calls out, and their finishing.
 
-    Domains that answered in the last cycle get their bulk call at once,
-    alongside their QMP reads, as the bare floor does: they are very likely
-    to answer again. If one of them has just hung, that call may block on it
-    (its job was free); at the cutoff the others then ask libvirt on their own,
-    still on time. The other domains (new ones, or not read last time) are
-    put in bulk calls in chunks as their QMP reads come back, so a QEMU
-    already known to be in trouble is never part of a bulk call.
+    A domain joins a bulk call only once its QEMU has answered, in chunks as
+    the reads come back: a QEMU in trouble is never part of a bulk call,
+    which it would block. (Bulk calls sent alongside the QMP reads, as the
+    bare floor does, were tried: with ``NOWAIT`` they skip the domains whose
+    jobs the reads hold, and without it a QEMU stopped at the wrong moment
+    left a healthy domain's calls blocked too, seen on the testbed.)
 
     Used by the collector's thread only.
     """
@@ -871,22 +870,8 @@ class _Batches:
         self.work = work
         self.balloon = balloon
         self.index = {entry.guest.uuid: i for i, (entry, _) in enumerate(work)}
-        reading = [entry for entry, item in work if isinstance(item, concurrent.futures.Future)]
-        trusted = [e for e in reading if e.last is not None and e.last.status not in _UNTRUSTED]
-        # UUID -> the early call that covers it.
-        self.early: Dict[str, "concurrent.futures.Future[Dict[str, DomainRecord]]"] = {}
-        self.early_ready: List[Reading] = []
+        self.expected = sum(1 for _, item in work if isinstance(item, concurrent.futures.Future))
         calls = session.bulk_calls
-        size = -(-len(trusted) // calls)
-        for start in range(0, len(trusted), max(size, BULK_MIN_CHUNK)):
-            chunk = trusted[start:start + max(size, BULK_MIN_CHUNK)]
-            # Not NOWAIT: the QMP reads in flight hold these domains' jobs for a
-            # moment, and NOWAIT would skip them; libvirt waits its turn instead.
-            future = self._call([e.guest for e in chunk], nowait=False)
-            if future is not None:
-                self.early.update((e.guest.uuid, future) for e in chunk)
-        self.early_uuids = set(self.early)
-        self.expected = len(reading) - len(self.early_uuids)
         size = max(BULK_MIN_CHUNK, -(-self.expected // calls))
         self.chunks = [size] * (calls - 1)  # the last call takes whatever is left
         self.waiting: List[Reading] = []
@@ -899,31 +884,18 @@ class _Batches:
         return self._reads
 
     def calls_pending(self) -> "List[concurrent.futures.Future[Dict[str, DomainRecord]]]":
-        pending = [f for f in self.calls if not f.done()]
-        early = {id(f): f for f in (self.early[r.guest.uuid] for r in self.early_ready) if not f.done()}
-        pending += early.values()
-        return pending
+        return [f for f in self.calls if not f.done()]
 
     def idle(self) -> bool:
-        return not self.waiting and not self.calls and not self.early_ready
+        return not self.waiting and not self.calls
 
-    def _take(self, readings: List[Reading]) -> None:
-        for reading in readings:
-            (self.early_ready if reading.guest.uuid in self.early_uuids else self.waiting).append(reading)
-
-    def close(self, pool: WorkerPool) -> None:
-        """The cutoff: no more joins; an early call still out is not waited for."""
-        self._take(self.round.close())
-        late = [r for r in self.early_ready if not self.early[r.guest.uuid].done()]
-        if late:
-            LOG.info("%s: a bulk stats call did not return in time; asking per domain", self.session.uri)
-            self.early_ready = [r for r in self.early_ready if r not in late]
-            self._finish(pool, late, {})
-        self.early_uuids = set()
+    def close(self) -> None:
+        """The cutoff: no more joins."""
+        self.waiting.extend(self.round.close())
 
     def fire(self, *, force: bool) -> None:
         """Start a bulk call for the waiting readings once a chunk is ready (or all reads are back)."""
-        self._take(self.round.take())
+        self.waiting.extend(self.round.take())
         if not self.waiting:
             return
         chunk = self.chunks[0] if self.chunks else self.expected
@@ -934,26 +906,17 @@ class _Batches:
         # None: libvirtd has not answered earlier bulk calls; ask per domain instead.
         self.calls[self._call([r.guest for r in readings]) or _done({})] = readings
 
-    def _call(
-        self, guests: List[Guest], nowait: bool = True
-    ) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
+    def _call(self, guests: List[Guest]) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
         pending = [f for f in self.session.bulk_pending if not f.done()]
         if len(pending) >= self.session.bulk_calls:
             return None
         client, balloon = self.client, self.balloon
-        future = self.session.bulk_pool.submit(
-            lambda: client.host.domain_records(guests, balloon=balloon, nowait=nowait)
-        )
+        future = self.session.bulk_pool.submit(lambda: client.host.domain_records(guests, balloon=balloon))
         self.session.bulk_pending = pending + [future]
         return future
 
     def finish_returned(self, pool: WorkerPool) -> None:
         """Finish, in the workers, the domains of every bulk call that has returned."""
-        answered = [r for r in self.early_ready if self.early[r.guest.uuid].done()]
-        if answered:
-            self.early_ready = [r for r in self.early_ready if r not in answered]
-            for reading in answered:
-                self._finish(pool, [reading], self._records(self.early[reading.guest.uuid]))
         for future in [f for f in self.calls if f.done()]:
             self._finish(pool, self.calls.pop(future), self._records(future))
 
@@ -971,8 +934,8 @@ class _Batches:
         """The deadline passed: finish what is left without waiting for libvirt's bulk answer."""
         if self.calls:
             LOG.info("%s: a bulk stats call did not return in time", self.session.uri)
-        leftover = [r for readings in self.calls.values() for r in readings] + self.waiting + self.early_ready
-        self.calls, self.waiting, self.early_ready = {}, [], []
+        leftover = [r for readings in self.calls.values() for r in readings] + self.waiting
+        self.calls, self.waiting = {}, []
         self._finish(pool, leftover, {})
 
     def _finish(self, pool: WorkerPool, readings: List[Reading], records: Dict[str, DomainRecord]) -> None:
@@ -981,10 +944,6 @@ class _Batches:
             entry, _ = self.work[index]
             entry.pending = pool.submit(self.client.finish_sample, reading, records.get(reading.guest.uuid))
             self.work[index] = (entry, entry.pending)
-
-
-#: Statuses after which a domain is not trusted with an early bulk call.
-_UNTRUSTED = (Status.UNRESPONSIVE, Status.UNREACHABLE)
 
 
 def _done(value: Dict[str, DomainRecord]) -> "concurrent.futures.Future[Dict[str, DomainRecord]]":

@@ -418,23 +418,20 @@ class Host:
             )
         return {dom.UUIDString(): dict(stats) for dom, stats in records}
 
-    def domain_records(
-        self, guests: Sequence[Guest], *, balloon: bool = True, nowait: bool = True
-    ) -> Dict[str, DomainRecord]:
+    def domain_records(self, guests: Sequence[Guest], *, balloon: bool = True) -> Dict[str, DomainRecord]:
         """State (and balloon figures) of many domains in one round trip, keyed by UUID.
 
         The state costs nothing extra: libvirt reads it from its own
         definition, without a job on QEMU, so even a hung QEMU's domain
-        comes back with its state. With ``nowait``, a domain whose job is
-        held (a call of ours or anyone's in flight) comes back without its
-        balloon part; without it, libvirt waits for the job (30 s at most).
+        comes back with its state (``NOWAIT`` skips only its balloon part).
         """
         if not guests:
             return {}
         stats = libvirt.VIR_DOMAIN_STATS_STATE | (libvirt.VIR_DOMAIN_STATS_BALLOON if balloon else 0)
-        flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT if nowait else 0
         with libvirt_call(self.counter, "domainListGetStats"):
-            records = self.conn.domainListGetStats([g.domain for g in guests], stats, flags)
+            records = self.conn.domainListGetStats(
+                [g.domain for g in guests], stats, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+            )
         out = {}
         for dom, raw in records:
             state = raw.get("state.state")
