@@ -595,7 +595,7 @@ def _source(parser: argparse.ArgumentParser, default: str = "both") -> None:
 def _grace(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         default=DEFAULT_GRACE_SECONDS,
         metavar="S",
         help="seconds beyond 2 x interval before figures count as stale "
@@ -631,12 +631,24 @@ def _setting(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _seconds(text: str) -> float:
+    """0 or more seconds (``--grace``)."""
+    return 0.0 if _is_zero(text) else _positive(text)
+
+
+def _is_zero(text: str) -> bool:
+    try:
+        return float(text) == 0
+    except ValueError:
+        return False
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value <= 0:
+    if not 0 < value < float("inf"):  # NaN fails this too
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
     return value
 

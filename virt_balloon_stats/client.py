@@ -111,7 +111,7 @@ class BalloonStats:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        if grace < 0:
+        if not (isinstance(grace, (int, float)) and 0 <= grace < float("inf")):
             raise InvalidArgument(f"grace must be 0 or more seconds, not {grace}")
         self.host = host
         self.qmp = qmp or QMPClient()

@@ -72,6 +72,8 @@ def parse_balloon(xml: str) -> BalloonDevice:
     """
     try:
         root = etree.fromstring(xml.encode("utf-8"), parser=_parser())
+    except UnicodeEncodeError as err:
+        raise InvalidDomainXML(f"the domain XML is not valid Unicode ({err.reason} at {err.start})") from err
     except etree.XMLSyntaxError as err:
         raise InvalidDomainXML(f"the domain XML is not well-formed: {err}") from err
     if root.getroottree().docinfo.doctype:
@@ -87,8 +89,11 @@ def parse_balloon(xml: str) -> BalloonDevice:
     period_text = stats.get("period") if stats is not None else None
     period: Optional[int] = None
     if period_text is not None:
-        if not re.fullmatch(r"[0-9]+", period_text):
-            raise InvalidDomainXML(f"<memballoon><stats period={period_text!r}> is not a number of seconds")
+        # Digits only, and not thousands of them (int() refuses over 4300).
+        if not re.fullmatch(r"[0-9]+", period_text) or len(period_text.lstrip("0")) > 1000:
+            raise InvalidDomainXML(
+                f"<memballoon><stats period={period_text[:40]!r}> is not a number of seconds"
+            )
         period = int(period_text)
     alias = node.find("./alias")
     address = node.find("./address")

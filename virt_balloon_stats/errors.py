@@ -28,7 +28,7 @@ translates it once, by error code.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = [
     "BalloonStatsError",
@@ -48,7 +48,20 @@ __all__ = [
     "NoBalloonDevice",
     "QOMPathNotFound",
     "QEMUUnresponsive",
+    "short_repr",
 ]
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr`` for an error message, cut short; a huge integer is described, not printed.
+
+    Bad input ends up quoted in messages: Python refuses to turn an int of
+    over 4300 digits into text, and a message has no use for a megabyte.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"a {value.bit_length()}-bit integer"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class BalloonStatsError(Exception):

@@ -91,7 +91,7 @@ def parse_listen(text: str) -> Tuple[str, int]:
         except ValueError:
             raise InvalidArgument(f"{host!r} is not an IPv6 address") from None
     elif ":" in host:
-        raise InvalidArgument(f"put an IPv6 address in brackets: [{host}]:{port}")
+        raise InvalidArgument(f"put an IPv6 address in brackets: {'[' + host + ']:' + str(port)!r}")
     return host, port
 
 
@@ -114,9 +114,15 @@ def check_password(password: str, encoded: str) -> bool:
             password.encode(), salt=base64.b64decode(salt, validate=True), n=int(n), r=int(r), p=int(p),
             dklen=len(expected),
         )
-    except (ValueError, binascii.Error):
+    except (ValueError, TypeError, OverflowError, MemoryError, binascii.Error):
+        # scrypt refuses absurd n, r or p with any of these: a broken hash matches nothing.
         return False
     return hmac.compare_digest(actual, expected)
+
+
+def _shown(path: str) -> str:
+    """A path for a one-line message: as is, or quoted when it holds control characters."""
+    return path if path.isprintable() else repr(path)
 
 
 def load_users(path: str) -> Dict[str, str]:
@@ -131,9 +137,13 @@ def load_users(path: str) -> Dict[str, str]:
             mode = os.fstat(handle.fileno()).st_mode
             lines = handle.read().splitlines()
     except OSError as err:
-        raise InvalidArgument(f"cannot read the basic-auth file {path}: {err.strerror or err}") from err
+        raise InvalidArgument(
+            f"cannot read the basic-auth file {_shown(path)}: {err.strerror or err}"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise InvalidArgument(f"the basic-auth file {_shown(path)} is not UTF-8 text ({err.reason})") from err
     if mode & 0o004:
-        raise InvalidArgument(f"{path} is readable by everyone; chmod 0600 it")
+        raise InvalidArgument(f"{_shown(path)} is readable by everyone; chmod 0600 it")
     users: Dict[str, str] = {}
     for number, line in enumerate(lines, 1):
         line = line.strip()
@@ -142,12 +152,12 @@ def load_users(path: str) -> Dict[str, str]:
         user, sep, encoded = line.partition(":")
         if not sep or not user or not encoded.startswith("scrypt$") or encoded.count("$") != 5:
             raise InvalidArgument(
-                f"{path}:{number}: want USER:scrypt$... (make one with 'virt-balloon-stats exporter "
+                f"{_shown(path)}:{number}: want USER:scrypt$... (make one with 'virt-balloon-stats exporter "
                 "--hash-password')"
             )
         users[user] = encoded
     if not users:
-        raise InvalidArgument(f"{path} has no user")
+        raise InvalidArgument(f"{_shown(path)} has no user")
     return users
 
 

@@ -295,6 +295,8 @@ class Guest:
         """Return ``virDomainMemoryStats`` as libvirt gives it (KiB and counts)."""
         with self._call("memoryStats"):
             stats = self.domain.memoryStats()
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in stats.values()):
+            raise LibvirtFailure(f"memoryStats() gave a figure that is not an integer: {stats!r:.200}")
         return {str(k): int(v) for k, v in stats.items()}
 
     def set_memory_stats_period(self, seconds: int, *, live: bool, config: bool) -> None:

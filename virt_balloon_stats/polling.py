@@ -17,7 +17,7 @@ import dataclasses
 import re
 from typing import Any, Dict, Optional
 
-from virt_balloon_stats.errors import InvalidArgument
+from virt_balloon_stats.errors import InvalidArgument, short_repr
 
 __all__ = ["ROUTES", "MAX_QEMU_INTERVAL", "MAX_LIBVIRT_PERIOD", "validate_interval", "PollingState"]
 
@@ -39,16 +39,25 @@ def validate_interval(value: Any, *, via: str = "libvirt") -> int:
     """
     if via not in ROUTES:
         raise InvalidArgument(f"unknown route {via!r}; use one of: {', '.join(ROUTES)}")
+    limit = MAX_LIBVIRT_PERIOD if via == "libvirt" else MAX_QEMU_INTERVAL
     if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
-        value = int(value.strip())
+        digits = value.strip()
+        sign, number = ("-", digits[1:]) if digits.startswith("-") else ("", digits)
+        number = number.lstrip("0") or "0"
+        if len(number) > 20:  # far out of range (and int() refuses over 4300 digits)
+            raise InvalidArgument(
+                f"polling interval must be between 0 and {limit} seconds via {via}, not "
+                f"{sign}{number[:20]}... ({len(number)} digits); 0 disables polling"
+            )
+        value = int(sign + number)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(
-            f"polling interval must be a whole number of seconds, not {value!r}; 0 disables polling"
+            f"polling interval must be a whole number of seconds, not {short_repr(value)}; "
+            "0 disables polling"
         )
-    limit = MAX_LIBVIRT_PERIOD if via == "libvirt" else MAX_QEMU_INTERVAL
     if value < 0 or value > limit:
         raise InvalidArgument(
-            f"polling interval must be between 0 and {limit} seconds via {via}, not {value}; "
+            f"polling interval must be between 0 and {limit} seconds via {via}, not {short_repr(value)}; "
             "0 disables polling"
         )
     return value

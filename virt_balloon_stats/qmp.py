@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Optional
 
-from virt_balloon_stats.errors import CommandNotAllowed, QMPBadReply, QMPExecuteError
+from virt_balloon_stats.errors import CommandNotAllowed, QMPBadReply, QMPExecuteError, short_repr
 
 __all__ = ["POLLING_PROPERTY", "READABLE_PROPERTIES", "check_allowed", "build_command", "parse_reply"]
 
@@ -62,25 +62,27 @@ def check_allowed(execute: str, arguments: Optional[Mapping[str, Any]] = None) -
         )
     if execute == "qom-set" and args.get("property") != POLLING_PROPERTY:
         raise CommandNotAllowed(
-            f"qom-set is allowed only for {POLLING_PROPERTY!r}, not {args.get('property')!r}; "
+            f"qom-set is allowed only for {POLLING_PROPERTY!r}, not {short_repr(args.get('property'))}; "
             "nothing was sent"
         )
     if set(args) != shape:
         raise CommandNotAllowed(
-            f"{execute} takes exactly {sorted(shape) or 'no arguments'}, not {sorted(map(str, args))}; "
-            "nothing was sent"
+            f"{execute} takes exactly {sorted(shape) or 'no arguments'}, not "
+            f"{short_repr(sorted(map(str, args)))}; nothing was sent"
         )
     if "path" in shape:
         path = args["path"]
         if not isinstance(path, str) or not (path == "/machine" or path.startswith("/machine/")):
             raise CommandNotAllowed(
-                f"{execute} is allowed only under /machine, not {path!r:.80}; nothing was sent"
+                f"{execute} is allowed only under /machine, not {short_repr(path)}; nothing was sent"
             )
         if len(path) > _MAX_PATH or any(ord(c) < 0x20 for c in path):
-            raise CommandNotAllowed(f"{execute}: not a QOM path: {path!r:.80}; nothing was sent")
-    if execute == "qom-get" and args["property"] not in READABLE_PROPERTIES:
+            raise CommandNotAllowed(f"{execute}: not a QOM path: {short_repr(path)}; nothing was sent")
+    if execute == "qom-get" and (
+        not isinstance(args["property"], str) or args["property"] not in READABLE_PROPERTIES
+    ):
         raise CommandNotAllowed(
-            f"qom-get is allowed only for {sorted(READABLE_PROPERTIES)}, not {args['property']!r:.80}; "
+            f"qom-get is allowed only for {sorted(READABLE_PROPERTIES)}, not {short_repr(args['property'])}; "
             "nothing was sent"
         )
     if execute == "qom-set":
@@ -88,7 +90,7 @@ def check_allowed(execute: str, arguments: Optional[Mapping[str, Any]] = None) -
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_INTERVAL:
             raise CommandNotAllowed(
                 f"qom-set of {POLLING_PROPERTY} takes whole seconds from 0 to {_MAX_INTERVAL}, "
-                f"not {value!r:.80}; nothing was sent"
+                f"not {short_repr(value)}; nothing was sent"
             )
 
 
@@ -116,6 +118,10 @@ def parse_reply(sent: str, received: str) -> Any:
     """
     try:
         message = json.loads(received)
+    except RecursionError as err:
+        raise QMPBadReply(
+            f"QEMU's reply is nested too deep to read: {received[:200]!r}", sent=sent, received=received
+        ) from err
     except ValueError as err:
         raise QMPBadReply(
             f"QEMU's reply is not JSON ({err}): {received[:200]!r}", sent=sent, received=received

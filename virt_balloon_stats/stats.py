@@ -15,7 +15,7 @@ import dataclasses
 import enum
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from virt_balloon_stats.errors import QMPBadReply
+from virt_balloon_stats.errors import InvalidArgument, LibvirtFailure, QMPBadReply, short_repr
 
 __all__ = [
     "StatSpec",
@@ -181,6 +181,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_epoch(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_EPOCH
+
+
+#: QEMU's figures are uint64; ``last-update`` is epoch seconds, which fit far lower.
+_MAX_U64 = 2**64 - 1
+_MAX_EPOCH = 2**63 - 1
+
+
+def _libvirt_int(key: str, value: Any) -> int:
+    """One figure from libvirt, checked: libvirt gives unsigned long longs, nothing else."""
+    if not _is_int(value) or not 0 <= value <= _MAX_U64:
+        raise LibvirtFailure(f"libvirt's {short_repr(key)} is not a 64-bit figure: {short_repr(value)}")
+    return int(value)
+
+
 def parse_guest_stats(value: Any) -> GuestStats:
     """Interpret the value of ``qom-get <balloon> guest-stats``.
 
@@ -188,14 +204,17 @@ def parse_guest_stats(value: Any) -> GuestStats:
         with integer figures.
     """
     if not isinstance(value, dict) or not isinstance(value.get("stats"), dict):
-        raise QMPBadReply(f"guest-stats is not an object with a 'stats' member: {value!r:.200}")
+        raise QMPBadReply(f"guest-stats is not an object with a 'stats' member: {short_repr(value, 200)}")
     last_update = value.get(LAST_UPDATE.qemu)
-    if not isinstance(last_update, int) or isinstance(last_update, bool) or last_update < 0:
-        raise QMPBadReply(f"guest-stats has no valid 'last-update': {last_update!r}")
+    if not _is_epoch(last_update):
+        raise QMPBadReply(f"guest-stats has no valid 'last-update': {short_repr(last_update)}")
     values: Dict[str, Optional[int]] = {}
     for name, raw in value["stats"].items():
-        if not _is_int(raw):
-            raise QMPBadReply(f"guest-stats member {name!r} is not an integer: {raw!r}")
+        # QEMU's figures are uint64 (-1 from older QEMU): anything else is not QEMU's.
+        if not _is_int(raw) or not -1 <= raw <= _MAX_U64:
+            raise QMPBadReply(
+                f"guest-stats member {short_repr(name)} is not a 64-bit figure: {short_repr(raw)}"
+            )
         values[name] = None if raw in UNSUPPORTED_VALUES else raw
     return GuestStats(values=values, last_update=last_update or None)
 
@@ -211,9 +230,13 @@ def stats_from_libvirt(memory_stats: Mapping[str, int]) -> Tuple[GuestStats, Opt
     for spec in STATS:
         assert spec.libvirt is not None
         raw = memory_stats.get(spec.libvirt)
-        values[spec.qemu] = None if raw is None else spec.from_libvirt(raw)
+        values[spec.qemu] = None if raw is None else spec.from_libvirt(_libvirt_int(spec.libvirt, raw))
     last_update = memory_stats.get(LAST_UPDATE.libvirt or "")
+    if last_update is not None:
+        last_update = _libvirt_int(LAST_UPDATE.libvirt or "", last_update)
     actual = memory_stats.get(ACTUAL.libvirt or "")
+    if actual is not None:
+        actual = _libvirt_int(ACTUAL.libvirt or "", actual)
     return (
         GuestStats(values=values, last_update=last_update or None),
         None if actual is None else ACTUAL.from_libvirt(actual),
@@ -234,7 +257,7 @@ def memory_stats_from_domstats(record: Mapping[str, Any]) -> Dict[str, int]:
     specs = STATS + (ACTUAL, LAST_UPDATE, RSS) if LAST_UPDATE.domstats in record else STATS + (RSS,)
     for spec in specs:
         if spec.domstats is not None and spec.libvirt is not None and spec.domstats in record:
-            out[spec.libvirt] = int(record[spec.domstats])
+            out[spec.libvirt] = _libvirt_int(spec.domstats, record[spec.domstats])
     return out
 
 
@@ -297,8 +320,13 @@ def classify(
         return Status.POLLING_DISABLED, STATUS_MEANINGS[Status.POLLING_DISABLED]
     if last_update is None:
         return Status.NEVER_UPDATED, STATUS_MEANINGS[Status.NEVER_UPDATED]
-    age = now - last_update
-    limit = 2 * interval + grace
+    try:
+        age = float(now) - float(last_update)
+        limit = 2.0 * float(interval) + float(grace)
+    except OverflowError as err:
+        raise InvalidArgument(
+            f"times out of range: last update {short_repr(last_update)}, interval {short_repr(interval)}"
+        ) from err
     if age > limit:
         return Status.STALE, (
             f"last update {age:.0f} s ago, over 2 x {interval} s + {grace:g} s; "

@@ -8,6 +8,7 @@ the test; elsewhere it is skipped with the command that brings it up.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import subprocess
@@ -195,3 +196,22 @@ def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, step: 
             return
         time.sleep(step)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
+
+
+def create_many(domains: Domains, count: int, variant: str, tag: str, *options: str, wait: bool) -> List[str]:
+    """Create ``count`` domains at once (their boots overlap); return their names."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [
+            pool.submit(domains.create, variant, f"{tag}{i}", *options, wait_stats=wait) for i in range(count)
+        ]
+        return sorted(f.result() for f in futures)
+
+
+@pytest.fixture(scope="module")
+def four_guests(libvirt_conn) -> Iterator[List[str]]:
+    """Four real guests whose balloon driver answers (stats period 2)."""
+    domains = Domains()
+    try:
+        yield create_many(domains, 4, "virtio", "col", wait=True)
+    finally:
+        domains.destroy_all()

@@ -9,7 +9,6 @@ figures come from ``virsh``, never from the package itself.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from tests.integration.conftest import URI, Domains, wait_for
+from tests.integration.conftest import URI, create_many, wait_for
 from tests.integration.conftest import testbed as run_testbed
 from tests.integration.test_cli import CLI, WATCH_HEADER, dommemstat, qmp, qom_path_by_alias, vbs, virsh
 from virt_balloon_stats.collector import LOST_CONNECTION, Collector, Cycle
@@ -50,25 +49,6 @@ def stopped(name: str) -> Iterator[int]:
         yield pid
     finally:
         os.kill(pid, signal.SIGCONT)
-
-
-def create_many(domains: Domains, count: int, variant: str, tag: str, *options: str, wait: bool) -> List[str]:
-    """Create ``count`` domains at once (their boots overlap); return their names."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
-        futures = [
-            pool.submit(domains.create, variant, f"{tag}{i}", *options, wait_stats=wait) for i in range(count)
-        ]
-        return sorted(f.result() for f in futures)
-
-
-@pytest.fixture(scope="module")
-def four_guests(libvirt_conn) -> Iterator[List[str]]:
-    """Four real guests whose balloon driver answers (stats period 2)."""
-    domains = Domains()
-    try:
-        yield create_many(domains, 4, "virtio", "col", wait=True)
-    finally:
-        domains.destroy_all()
 
 
 def by_name(cycle: Cycle) -> Dict[str, str]:

@@ -11,6 +11,7 @@ longer.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,8 @@ import libvirt
 import pytest
 
 from tests.integration.conftest import PREFIX, TESTBED, URI, Connection
+from tests.integration.test_cli import CLI
+from tests.integration.test_collector import libvirtd_stopped, stopped
 from tests.integration.test_exporter import Exporter, parse, status_of
 from virt_balloon_stats.collector import Collector
 from virt_balloon_stats.crosscheck import Result
@@ -191,3 +194,49 @@ def test_soak_exporter_under_domain_churn(churn, soak_seconds):
     assert "Traceback" not in log, log[-2000:]
     assert "unresponsive" not in log, log[-2000:]
     assert running.proc.returncode == 0 or running.proc.returncode == -signal.SIGTERM
+
+
+def test_stream_through_a_stopped_qemu_and_a_libvirtd_restart(four_guests):
+    """stream: the stopped domain's lines say unresponsive and the others stay ok; a libvirtd restart
+    gives unreachable lines, then ok again; every line whole, the process never stops."""
+    hung, guest = four_guests[0], four_guests[1]
+    proc = subprocess.Popen(
+        [CLI, "stream", "--interval", "1", "--timeout", "3", hung, guest],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines: List[Dict[str, Any]] = []
+
+    def read_until(predicate, within: float) -> None:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line.endswith("\n"), f"a split line: {line!r}"
+            lines.append(json.loads(line))
+            if predicate(lines[-1]):
+                return
+        last = [(d["domain"], d["status"]) for d in lines[-4:]]
+        pytest.fail(f"not seen within {within} s; last lines {last}")
+
+    try:
+        read_until(lambda d: d["domain"] == guest and d["status"] == "ok", 20)
+        with stopped(hung):
+            read_until(lambda d: d["domain"] == hung and d["status"] == "unresponsive", 15)
+            mark = len(lines)
+            read_until(lambda d: False if len(lines) - mark < 6 else True, 30)
+            others = [(d["status"], d["message"]) for d in lines[mark:] if d["domain"] == guest]
+            assert {status for status, _ in others} == {"ok"}, others
+        read_until(lambda d: d["domain"] == hung and d["status"] == "ok", 30)
+        with libvirtd_stopped():
+            read_until(lambda d: d["domain"] == guest and d["status"] == "unreachable", 15)
+        read_until(lambda d: d["domain"] == guest and d["status"] == "ok", 10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    log = proc.stderr.read() if proc.stderr else ""
+    assert "Traceback" not in log, log

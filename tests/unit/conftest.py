@@ -6,13 +6,19 @@ test module iterates over the same recordings.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import copy
 import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import pytest
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.fakelibvirt import FakeConnect, FakeDomain, RecordedTransport, error_from_record
 from virt_balloon_stats.client import BalloonStats
@@ -126,3 +132,36 @@ def world(name: str, **kwargs: Any) -> World:
 def virtio() -> Dict[str, Any]:
     """The plain, healthy scenario."""
     return load("virtio")
+
+
+# -- property-based tests ------------------------------------------------------------------
+
+# Fresh cases on every run, none kept: no example database, and Hypothesis'
+# caches go to a scratch directory instead of .hypothesis/. print_blob makes a
+# failure reproducible all the same (@reproduce_failure).
+settings.register_profile("ci", database=None, deadline=None, derandomize=False, print_blob=True)
+settings.load_profile("ci")
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="vbs-hypothesis-")
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+
+#: Cases run by each property-based test (see :func:`counted`), summed at the end of the run.
+PROPERTY_CASES: "collections.Counter[str]" = collections.Counter()
+
+
+def counted(test: Callable[..., None]) -> Callable[..., None]:
+    """Count every case Hypothesis runs through ``test``; put it under ``@given``."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        PROPERTY_CASES[test.__name__] += 1
+        test(*args, **kwargs)
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The total the reliability issue asks for: at least 10,000 per CI run."""
+    total = sum(PROPERTY_CASES.values())
+    if total:
+        terminalreporter.write_line(f"property-based cases generated: {total}")
