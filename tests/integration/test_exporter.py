@@ -362,3 +362,33 @@ def test_stream_ends_after_the_current_line_on_sigterm(driver_guest):
     assert first.endswith("\n") and (rest == "" or rest.endswith("\n"))
     for line in [first] + rest.splitlines():
         assert json.loads(line)["domain"] == driver_guest  # whole lines only
+
+
+def test_read_only_exporter_serves_libvirts_figures_without_tainting(domains):
+    """``-r exporter --source libvirt``: a read-only connection, no passthrough, so no taint."""
+    name = domains.create("virtio", "ro", wait_stats=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [CLI, "-r", "exporter", "--source", "libvirt", "--interval", "1", "--listen", f"127.0.0.1:{port}",
+         name],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        def ok() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                    series = parse(reply.read().decode())
+            except OSError:
+                return False
+            return any(n == "virt_balloon_status" for n, _ in series) and status_of(series, name) == "ok"
+        wait_for(ok, timeout=20, what="the read-only exporter's figures")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            series = parse(reply.read().decode())
+        theirs = dommemstat(name)
+        assert value(series, "virt_balloon_actual_bytes", domain=name) == theirs["actual"] * 1024
+        assert value(series, "virt_balloon_libvirt_calls_total", call="qemuMonitorCommand") is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    info = subprocess.run(["virsh", "-c", URI, "dominfo", name], capture_output=True, text=True).stdout
+    assert "tainted" not in info, info
