@@ -396,29 +396,25 @@ class BalloonStats:
             figures = side.stats() if use_libvirt else None
             state = side.state()
             now = self.clock()
+            stats: Optional[GuestStats] = None
+            libvirt_actual: Optional[int] = None
             if not device.present:
                 status, message = classify(
                     state=state, has_balloon=False, interval=None, last_update=None, now=now
                 )
-                return base.sample(
-                    state=state,
-                    sampled_at=now,
-                    status=status,
-                    message=message,
-                    polling=PollingState(None, device.stats_period),
-                    libvirt=figures,
-                    crosscheck=skipped("no balloon device"),
-                )
-            assert figures is not None
-            stats, libvirt_actual = stats_from_libvirt(figures)
-            status, message = self._classify(state, device.stats_period, stats, now)
+                why = "no balloon device"
+            else:
+                assert figures is not None
+                stats, libvirt_actual = stats_from_libvirt(figures)
+                status, message = self._classify(state, device.stats_period, stats, now)
+                why = "source is libvirt; the cross-check needs both"
             return base.sample(
                 state=state,
                 sampled_at=now,
                 status=status,
                 message=message,
                 polling=PollingState(None, device.stats_period),
-                crosscheck=skipped("source is libvirt; the cross-check needs both"),
+                crosscheck=skipped(why),
                 stats=stats,
                 actual_bytes=libvirt_actual,
                 libvirt=figures,

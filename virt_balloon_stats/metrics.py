@@ -21,7 +21,7 @@ that says how to install it.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from virt_balloon_stats.collector import Cycle, Totals
 from virt_balloon_stats.errors import InvalidArgument
@@ -65,17 +65,19 @@ class _Families:
         self._by_name: Dict[str, Metric] = {}
 
     def gauge(self, name: str, help_text: str, labels: Sequence[str]) -> GaugeMetricFamily:
-        family = self._by_name.get(name)
-        if family is None:
-            family = self._by_name[name] = GaugeMetricFamily(name, help_text, labels=list(labels))
+        family = self._get(GaugeMetricFamily, name, help_text, labels)
         assert isinstance(family, GaugeMetricFamily)
         return family
 
     def counter(self, name: str, help_text: str, labels: Sequence[str]) -> CounterMetricFamily:
+        family = self._get(CounterMetricFamily, name, help_text, labels)
+        assert isinstance(family, CounterMetricFamily)
+        return family
+
+    def _get(self, kind: Any, name: str, help_text: str, labels: Sequence[str]) -> Metric:
         family = self._by_name.get(name)
         if family is None:
-            family = self._by_name[name] = CounterMetricFamily(name, help_text, labels=list(labels))
-        assert isinstance(family, CounterMetricFamily)
+            family = self._by_name[name] = kind(name, help_text, labels=list(labels))
         return family
 
     def __iter__(self) -> Iterator[Metric]:

@@ -13,6 +13,7 @@ import functools
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -126,6 +127,16 @@ def world(name: str, **kwargs: Any) -> World:
     fixture = load(name)
     kwargs.setdefault("now", now_for(fixture))
     return World([fixture], **kwargs)
+
+
+def wait_until(predicate: Callable[[], object], within: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds or ``within`` seconds pass; its last answer."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
 
 
 @pytest.fixture

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import libvirt
 import pytest
 
 from tests.fakelibvirt import FakeDomain, connection_lost_error, libvirt_error
 from tests.unit.conftest import (
+    wait_until,
     EXPECTED_STATUS,
     URI,
     World,
@@ -133,15 +134,6 @@ def _keep_interval(w: World, dom: FakeDomain, index: int = 0) -> None:
     """
     command = _qom_get(dom.fixture, POLLING_PROPERTY)
     w.transport.answer(dom.UUIDString(), command, _raw_replies(dom.fixture, command)[index])
-
-
-def _wait_for(predicate: Callable[[], object], within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 # -- one cycle ---------------------------------------------------------------------------
@@ -390,7 +382,7 @@ def test_hung_domain_is_read_as_usual_once_qemu_answers(hung):
     collector.collect()
     release.set()
     # Until the late reading has finished, the domain is still not asked again.
-    assert _wait_for(lambda: by_name(collector.collect())[dom.name()] != "unresponsive")
+    assert wait_until(lambda: by_name(collector.collect())[dom.name()] != "unresponsive")
     sample = next(s for s in collector.last.samples if s.domain == dom.name())
     assert sample.status.value == EXPECTED_STATUS[HUNG]
     assert sample.error is None
@@ -824,7 +816,7 @@ def test_background_loop_collects_until_stopped():
         collector.start(0.01, on_cycle=seen.append)
         with pytest.raises(InvalidArgument):
             collector.start(0.01)
-        assert _wait_for(lambda: len(seen) >= 3)
+        assert wait_until(lambda: len(seen) >= 3)
     finally:
         collector.stop()
     count = len(seen)

@@ -29,7 +29,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.conftest import URI, World, load, now_for
+from tests.unit.conftest import URI, World, load, now_for, wait_until
 from virt_balloon_stats import cli
 from virt_balloon_stats.collector import Collector
 from virt_balloon_stats.errors import InvalidArgument
@@ -257,15 +257,6 @@ def _libvirt_calls(w: World) -> int:
     return len(w.conn.calls) + sum(len(d.calls) for d in w.domains) + len(w.transport.sent)
 
 
-def _wait_for(predicate, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
-
-
 @contextlib.contextmanager
 def _serving(
     w: Optional[World] = None, host: str = "127.0.0.1", wait: bool = True, **config: Any
@@ -278,7 +269,7 @@ def _serving(
     exporter.start()
     try:
         if wait:
-            assert _wait_for(lambda: collector.last is not None)
+            assert wait_until(lambda: collector.last is not None)
         yield exporter
     finally:
         exporter.stop()
@@ -483,7 +474,7 @@ def test_scrape_before_the_first_cycle_is_empty_and_does_not_wait():
             status, headers, body = _request(exporter)
             assert exporter.collector.last is None  # answered while the cycle was still waiting on QEMU
             release.set()
-            assert _wait_for(lambda: exporter.collector.last is not None)
+            assert wait_until(lambda: exporter.collector.last is not None)
             _, _, later = _request(exporter)
     finally:
         release.set()
