@@ -503,12 +503,15 @@ class Collector:
         """From QEMU reads to finished readings: bulk calls in chunks, as the reads come back.
 
         Readings join their host's round as their QEMU answers; as soon as a
-        chunk of them has (half the domains, :data:`BULK_CHUNKS`), one bulk
-        call fetches libvirt's side of that chunk, while the other reads go on;
-        when a bulk call returns, its domains are finished in the workers. So
-        libvirt's serial bulk work overlaps the QMP reads instead of following
-        them. At the cutoff (:data:`_BULK_RESERVE` of the deadline before it)
-        the rounds close; a read still running then is left to finish alone.
+        chunk of them has (a share of the domains, :data:`BULK_CHUNKS`), one
+        bulk call fetches libvirt's side of that chunk, while the other reads
+        go on; when a bulk call returns, its domains are finished in the
+        workers. So libvirt's serial bulk work overlaps the QMP reads instead of
+        following them. At the cutoff (:data:`_BULK_RESERVE` of the deadline
+        before it) the rounds close; a read still running then is left to
+        finish alone. Halfway from the cutoff to the deadline, the domains of a
+        bulk call still out ask libvirt on their own: a QEMU that stopped
+        between its QMP read and the bulk call holds that call.
 
         A read takes milliseconds; one still running after :data:`SLOW_READ`
         seconds (or a fifth of the deadline, if shorter) is taken for stuck,
@@ -536,7 +539,10 @@ class Collector:
                 return
             if closed and not calls:
                 return
-            until = cutoff if not closed else deadline
+            # After the cutoff, bulk calls get half of what is left; then their
+            # domains ask libvirt on their own, in time for the deadline. (A QEMU
+            # that stops between its QMP read and the bulk call holds that call.)
+            until = cutoff if not closed else (cutoff + deadline) / 2
             if now >= until:
                 break
             waiting_on: "List[concurrent.futures.Future[Any]]" = [*reads, *calls]
@@ -547,7 +553,7 @@ class Collector:
             )
             if not done and time.monotonic() - start >= slow:
                 self._pool.reserve(stuck + sum(1 for f in reads if f.running()))
-        # The deadline passed with bulk calls out: their domains ask libvirt on their own.
+        # Bulk calls still out: their domains ask libvirt on their own.
         for batch in batches:
             batch.abandon(self._pool)
 
@@ -931,7 +937,7 @@ class _Batches:
             return {}
 
     def abandon(self, pool: WorkerPool) -> None:
-        """The deadline passed: finish what is left without waiting for libvirt's bulk answer."""
+        """Finish what is left without waiting any longer for libvirt's bulk answer."""
         if self.calls:
             LOG.info("%s: a bulk stats call did not return in time", self.session.uri)
         leftover = [r for readings in self.calls.values() for r in readings] + self.waiting

@@ -325,6 +325,22 @@ def test_a_domain_that_hangs_after_a_good_cycle_is_kept_out_of_the_bulk_call():
     assert dom not in doms and len(doms) == len(HUNG_SET) - 1
 
 
+def test_a_qemu_that_stops_between_its_read_and_the_bulk_call_costs_no_other_domain_its_cycle():
+    """Its QMP read came back, then it stopped: the bulk call that includes it hangs on it (its job
+    free). Its chunk-mates ask libvirt on their own halfway from the cutoff to the deadline: on time."""
+    w = _world(HUNG_SET)
+    dom = _dom(w, HUNG)
+    release = dom.hang("domainListGetStats")
+    try:
+        with _collector(w, timeout=HUNG_TIMEOUT) as collector:
+            cycle = _timed_collect(collector)
+            assert dom.held("domainListGetStats") == 1
+    finally:
+        release.set()
+    assert by_name(cycle) == _expected(HUNG_SET)
+    assert cycle.calls["memoryStats"] == len(HUNG_SET)  # each asked on its own
+
+
 def _healthy(cycle: Cycle) -> Dict[str, str]:
     statuses = by_name(cycle)
     statuses.pop(f"vbs-tb-rec-{HUNG}")
