@@ -531,8 +531,11 @@ class Collector:
                 closed = True
                 for batch in batches:
                     batch.close()
+            # Reads still out after ``slow`` are taken for stuck: the domains
+            # waiting for a chunk to fill get their bulk call now, not at the cutoff.
+            stalled = closed or now - start >= slow
             for batch in batches:
-                batch.fire(force=closed)
+                batch.fire(force=stalled)
                 batch.finish_returned(self._pool)
             calls = [f for b in batches for f in b.calls_pending()]
             if not reads and not calls and all(b.idle() for b in batches):
