@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import re
 import signal
@@ -436,14 +437,15 @@ def cmd_stream(run: Run) -> int:
 
 def cmd_exporter(run: Run) -> int:
     """Serve Prometheus metrics from a background collector until SIGTERM or Ctrl-C."""
+    from virt_balloon_stats import exporter as exporter_mod  # needs the 'exporter' extra
+
     args = run.args
     if args.hash_password:
         password = sys.stdin.readline().rstrip("\n")
         if not password:
             raise UsageError("give the password on stdin")
-        run.write(exporter_module().hash_password(password))
+        run.write(exporter_mod.hash_password(password))
         return EXIT_OK
-    exporter_mod = exporter_module()
     config = exporter_mod.ExporterConfig(
         listen=args.listen,
         interval=args.interval,
@@ -476,13 +478,6 @@ def cmd_exporter(run: Run) -> int:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return EXIT_OK
-
-
-def exporter_module() -> Any:
-    """The exporter module, imported only by the commands that need ``prometheus_client``."""
-    from virt_balloon_stats import exporter
-
-    return exporter
 
 
 def cmd_rearm(run: Run, sleep: Callable[[float], None] = time.sleep) -> int:
@@ -631,26 +626,22 @@ def _setting(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _seconds(text: str) -> float:
-    """0 or more seconds (``--grace``)."""
-    return 0.0 if _is_zero(text) else _positive(text)
-
-
-def _is_zero(text: str) -> bool:
-    try:
-        return float(text) == 0
-    except ValueError:
-        return False
-
-
-def _positive(text: str) -> float:
+def _seconds(text: str, *, zero: bool = True) -> float:
+    """A finite number of seconds, 0 or more (``--grace``); NaN and infinity are refused."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    in_range = value >= 0 if zero else value > 0
+    if not in_range or not math.isfinite(value):
+        least = "0 or more" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"must be {least} seconds, not {text}")
     return value
+
+
+def _positive(text: str) -> float:
+    """More than 0 seconds, finite (timeouts, intervals, ``--max-age``)."""
+    return _seconds(text, zero=False)
 
 
 _EXAMPLES = {

@@ -299,23 +299,18 @@ class BalloonStats:
         ref: GuestRef,
         source: str = "both",
         *,
-        prefetched: Optional[Mapping[str, int]] = None,
-        state: Optional[str] = None,
         memo: Optional[DomainMemo] = None,
     ) -> Sample:
         """Read one domain's figures; failures become an ``unreachable`` sample.
 
         :param source: One of :data:`~virt_balloon_stats.sample.SOURCES`.
-        :param prefetched: libvirt's figures for this domain, already read;
-            skips one ``memoryStats()``.
-        :param state: The domain state, already known; skips one ``state()``.
         :param memo: What an earlier reading of this incarnation of the
             domain learnt (parsed XML, polling interval); a long-running
             reader keeps one per domain so a steady reading is one QMP call.
         :raise InvalidArgument: For an unknown source.
         :raise DomainNotFound: When a name does not match (a Guest never fails here).
         """
-        reading = self.begin_sample(ref, source, memo=memo, state=state, prefetched=prefetched)
+        reading = self.begin_sample(ref, source, memo=memo)
         return self.finish_sample(reading)
 
     def begin_sample(
@@ -324,8 +319,6 @@ class BalloonStats:
         source: str = "both",
         *,
         memo: Optional[DomainMemo] = None,
-        state: Optional[str] = None,
-        prefetched: Optional[Mapping[str, int]] = None,
     ) -> Reading:
         """The first half of :meth:`sample`: everything asked of QEMU, nothing of libvirt's figures.
 
@@ -342,7 +335,6 @@ class BalloonStats:
             raise InvalidArgument(f"unknown source {source!r}; use one of: {', '.join(SOURCES)}")
         guest = self.guest(ref)
         reading = Reading(guest, source, memo if memo is not None else DomainMemo())
-        reading.state, reading.libvirt_stats = state, prefetched
         memo = reading.memo
         try:
             if memo.device is None:
@@ -367,7 +359,7 @@ class BalloonStats:
         """
         guest, memo = reading.guest, reading.memo
         base = _Identity(self.host.uri, guest, reading.source)
-        side = _LibvirtSide(guest, reading.state, reading.libvirt_stats, record)
+        side = _LibvirtSide(guest, record)
         try:
             if reading.error is not None:
                 raise reading.error
@@ -564,8 +556,6 @@ class Reading:
     guest: Guest
     source: str
     memo: DomainMemo
-    state: Optional[str] = None
-    libvirt_stats: Optional[Mapping[str, int]] = None
     refreshed: bool = False
     path: Optional[QOMPath] = None
     stats: Optional[GuestStats] = None
@@ -575,20 +565,14 @@ class Reading:
 class _LibvirtSide:
     """libvirt's view of one domain for one reading, fetched once and only when needed.
 
-    From the first of: what the caller passed, the collector's bulk record,
-    or a call of this domain's own (``state()``, ``memoryStats()``).
+    From the collector's bulk record, or else a call of this domain's own
+    (``state()``, ``memoryStats()``).
     """
 
-    def __init__(
-        self,
-        guest: Guest,
-        state: Optional[str],
-        prefetched: Optional[Mapping[str, int]],
-        record: Optional[DomainRecord],
-    ) -> None:
+    def __init__(self, guest: Guest, record: Optional[DomainRecord]) -> None:
         self._guest = guest
-        self._state = state
-        self._stats = prefetched
+        self._state: Optional[str] = None
+        self._stats: Optional[Mapping[str, int]] = None
         self._record = record
 
     @property

@@ -403,23 +403,6 @@ class Host:
             domains = self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         return sorted((Guest(d, self.counter) for d in domains), key=lambda g: g.name)
 
-    def balloon_stats(self, guests: Sequence[Guest]) -> Dict[str, Mapping[str, int]]:
-        """Read libvirt's balloon figures for many domains in one round trip.
-
-        Uses ``virDomainListGetStats`` with ``NOWAIT``, so a domain whose QEMU
-        is busy or hung comes back without its balloon figures instead of
-        stalling the whole call for 30 s. Keys are domstats names
-        (``balloon.current``, ``balloon.last-update``...); result keyed by UUID.
-        """
-        if not guests:
-            return {}
-        flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-        with libvirt_call(self.counter, "domainListGetStats"):
-            records = self.conn.domainListGetStats(
-                [g.domain for g in guests], libvirt.VIR_DOMAIN_STATS_BALLOON, flags
-            )
-        return {dom.UUIDString(): dict(stats) for dom, stats in records}
-
     def domain_records(self, guests: Sequence[Guest], *, balloon: bool = True) -> Dict[str, DomainRecord]:
         """State (and balloon figures) of many domains in one round trip, keyed by UUID.
 

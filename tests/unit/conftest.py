@@ -11,6 +11,7 @@ import collections
 import copy
 import functools
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -127,6 +128,13 @@ def world(name: str, **kwargs: Any) -> World:
     fixture = load(name)
     kwargs.setdefault("now", now_for(fixture))
     return World([fixture], **kwargs)
+
+
+def missing(what: str) -> None:
+    """A tool a test needs is absent: fail under ``CI=true`` (contrib/run-tests installs it), else skip."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{what} is missing; contrib/run-tests installs it", pytrace=False)
+    pytest.skip(f"{what} is missing")
 
 
 def wait_until(predicate: Callable[[], object], within: float = 10.0) -> bool:

@@ -29,7 +29,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.conftest import URI, World, load, now_for, wait_until
+from tests.unit.conftest import URI, World, load, now_for, wait_until, missing
 from virt_balloon_stats import cli
 from virt_balloon_stats.collector import Collector
 from virt_balloon_stats.errors import InvalidArgument
@@ -229,18 +229,7 @@ def _ipv6_loopback() -> bool:
     return True
 
 
-LOOPBACKS = [
-    "127.0.0.1",
-    pytest.param("::1", marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")),
-]
-
-
-def _free_port(host: str) -> int:
-    """A port free right now; the exporter refuses port 0 (see test_exporter_listens_on_an_ephemeral_port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+LOOPBACKS = ["127.0.0.1", "::1"]
 
 
 def _listen(host: str, port: int) -> str:
@@ -262,10 +251,12 @@ def _serving(
     w: Optional[World] = None, host: str = "127.0.0.1", wait: bool = True, **config: Any
 ) -> Iterator[Exporter]:
     """A started exporter over a collector on the fake libvirt; stopped on the way out."""
+    if ":" in host and not _ipv6_loopback():
+        missing("an IPv6 loopback (::1)")
     w = w if w is not None else _world()
     collector = Collector(clients=[w.client], timeout=config.pop("timeout", TIMEOUT))
     config.setdefault("interval", ONE_CYCLE)
-    exporter = Exporter(collector, ExporterConfig(listen=_listen(host, _free_port(host)), **config))
+    exporter = Exporter(collector, ExporterConfig(listen=_listen(host, 0), **config))
     exporter.start()
     try:
         if wait:
@@ -601,7 +592,7 @@ def test_basic_auth_file_that_is_world_readable_stops_the_exporter_from_being_ma
 def _certificate(directory, cn: str = "localhost") -> Tuple[str, str]:
     """A fresh self-signed certificate for 127.0.0.1 and its key, made by the openssl command."""
     if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
+        missing("the openssl command (Debian package openssl)")
     os.makedirs(directory, exist_ok=True)
     cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
     subprocess.run(

@@ -246,25 +246,28 @@ def test_running_guests_lists_active_domains_sorted_by_name():
     assert conn.calls_to("listAllDomains") == [(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE,)]
 
 
-def test_balloon_stats_is_one_call_with_nowait_keyed_by_uuid():
-    """One domainListGetStats for every domain, BALLOON stats, NOWAIT so a hung QEMU cannot stall it."""
+def test_domain_records_is_one_call_with_nowait_keyed_by_uuid():
+    """One domainListGetStats for every domain, state and BALLOON, NOWAIT so a hung QEMU cannot stall it."""
     host, conn, fixtures = _host("virtio", "nostats", "nodriver")
     guests = [host.lookup(f["domain"]["name"]) for f in fixtures]
-    result = host.balloon_stats(guests)
+    result = host.domain_records(guests)
     calls = conn.calls_to("domainListGetStats")
     assert len(calls) == 1
     doms, stats, flags = calls[0]
     assert [d.UUIDString() for d in doms] == [f["domain"]["uuid"] for f in fixtures]
-    assert stats == libvirt.VIR_DOMAIN_STATS_BALLOON
+    assert stats == libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_STATE
     assert flags & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-    assert result == {f["domain"]["uuid"]: f["all_domain_stats"] for f in fixtures}
+    assert {uuid: dict(r.balloon) for uuid, r in result.items()} == {
+        f["domain"]["uuid"]: f["all_domain_stats"] for f in fixtures
+    }
+    assert {r.state for r in result.values()} == {"running"}
     assert host.counter.snapshot()["domainListGetStats"] == 1
 
 
-def test_balloon_stats_of_no_domain_makes_no_call():
+def test_domain_records_of_no_domain_makes_no_call():
     """Nothing to ask, nothing sent."""
     host, conn, _ = _host("virtio")
-    assert host.balloon_stats([]) == {}
+    assert host.domain_records([]) == {}
     assert conn.calls == []
 
 
