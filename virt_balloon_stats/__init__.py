@@ -8,7 +8,6 @@ for a long-running reader, use :class:`Collector`.
 """
 
 import importlib
-import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below, for type checkers; at run time they load on first use
@@ -85,8 +84,6 @@ __all__ = [
     "QOMPathNotFound",
     "QEMUUnresponsive",
 ]
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 #: Where each public name lives. Importing the package loads none of them:
 #: a command that needs two modules does not pay for the other ten.

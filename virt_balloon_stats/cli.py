@@ -15,20 +15,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import logging
+import gc
 import math
 import os
 import re
-import signal
 import sys
 import threading
 import time
-import traceback
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TextIO, Tuple, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    TextIO,
+    Tuple,
+    cast,
+)
 
 from virt_balloon_stats import __version__
-from virt_balloon_stats.client import BalloonStats
-from virt_balloon_stats.collector import DEFAULT_TIMEOUT, Collector, Cycle, Totals
+from virt_balloon_stats.client import DEFAULT_TIMEOUT, BalloonStats
 from virt_balloon_stats.errors import BalloonStatsError, InvalidArgument
 from virt_balloon_stats.formats import render_json, render_stats, render_table
 from virt_balloon_stats.host import Guest, default_uri, silence_libvirt_stderr
@@ -36,9 +46,11 @@ from virt_balloon_stats.polling import ROUTES, PollingState, validate_interval
 from virt_balloon_stats.sample import SOURCES, Sample
 from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS, Status
 
+if TYPE_CHECKING:  # imported where used: a one-domain reading needs no collector
+    from virt_balloon_stats.collector import Collector, Cycle, Totals
+
 __all__ = ["main", "build_parser"]
 
-LOG = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -83,6 +95,8 @@ class Run:
         self.first_error = self.first_error or line
         self.err.write(line + "\n")
         if self.args.debug:
+            import traceback
+
             traceback.print_exception(type(error), error, error.__traceback__, file=self.err)
 
     def clients(self) -> Iterator[BalloonStats]:
@@ -134,7 +148,10 @@ def _collector(
     run: Run, *, events: bool = False, timeout: Optional[float] = None, log_changes: bool = False
 ) -> Collector:
     """The collector over the command's URIs and domains (every running one with ``--all``)."""
+    from virt_balloon_stats.collector import Collector
+
     args = run.args
+    _log_to_stderr(args)
     return Collector(
         run.uris,
         domains=None if getattr(args, "all", False) else args.domains,
@@ -144,6 +161,21 @@ def _collector(
         readonly=args.readonly,
         grace=getattr(args, "grace", DEFAULT_GRACE_SECONDS),
         log_changes=log_changes,
+    )
+
+
+def _log_to_stderr(args: argparse.Namespace) -> None:
+    """Send the collector's log to stderr: the only part of the package that logs.
+
+    The long-running commands log their state changes (one line each, not
+    per cycle); the others only warnings, or everything with ``--debug``.
+    """
+    import logging
+
+    service = args.command in ("exporter", "stream")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO if service else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
     )
 
 
@@ -175,7 +207,21 @@ def _one_cycle(run: Run) -> Tuple[Cycle, Totals]:
 
 
 def _sample_all(run: Run) -> List[Sample]:
-    return list(_one_cycle(run)[0].samples)
+    """The samples of the command's domains, the failures reported."""
+    args = run.args
+    if len(run.uris) > 1 or getattr(args, "all", False) or len(args.domains) != 1:
+        return list(_one_cycle(run)[0].samples)
+    # One domain on one host: read as a script would, within the same
+    # deadline; a collector's threads and bulk calls only pay off for several.
+    samples: List[Sample] = []
+    for client in run.clients():
+        for guest in run.guests(client):
+            source = getattr(args, "source", "both")
+            sample = client.sample(guest, source, timeout=args.timeout or DEFAULT_TIMEOUT)
+            if sample.error is not None:
+                run.report(sample.domain, sample.uri, sample.error)
+            samples.append(sample)
+    return samples
 
 
 def cmd_stats(run: Run) -> int:
@@ -407,6 +453,8 @@ def cmd_watch(run: Run) -> int:
 
 def cmd_stream(run: Run) -> int:
     """JSON Lines: one document per domain per cycle, until SIGTERM, Ctrl-C or a closed pipe."""
+    import signal
+
     from virt_balloon_stats.stream import JsonLines
 
     args = run.args
@@ -437,6 +485,9 @@ def cmd_stream(run: Run) -> int:
 
 def cmd_exporter(run: Run) -> int:
     """Serve Prometheus metrics from a background collector until SIGTERM or Ctrl-C."""
+    import logging
+    import signal
+
     from virt_balloon_stats import exporter as exporter_mod  # needs the 'exporter' extra
 
     args = run.args
@@ -460,9 +511,9 @@ def cmd_exporter(run: Run) -> int:
     def reload(_signum: int, _frame: object) -> None:
         try:
             exporter.reload()
-            LOG.info("reloaded the TLS certificate and the basic-auth file")
+            logging.getLogger(__name__).info("reloaded the TLS certificate and the basic-auth file")
         except BalloonStatsError as err:
-            LOG.error("reload failed, keeping the old ones: %s", err)
+            logging.getLogger(__name__).error("reload failed, keeping the old ones: %s", err)
 
     handlers = {
         signal.SIGTERM: signal.signal(signal.SIGTERM, lambda _signum, _frame: done.set()),
@@ -671,10 +722,9 @@ _EXAMPLES = {
 class _Unbuilt:
     """Stands in for the parser of a command that is not the one being run.
 
-    Its arguments are not built: argparse spends most of a one-shot
-    command's start-up building every subcommand's options, and only the
-    command given needs them. ``--help`` on the top level still lists every
-    command.
+    Neither it nor its arguments are built: argparse spends most of a
+    one-shot command's start-up building parsers, and only the command given
+    needs one. ``--help`` on the top level (no command word) builds them all.
     """
 
     def add_argument(self, *args: Any, **kwargs: Any) -> None:
@@ -682,6 +732,44 @@ class _Unbuilt:
 
     def set_defaults(self, **kwargs: Any) -> None:
         """Nothing to set."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help layout, sized to the terminal without importing shutil.
+
+    argparse makes a formatter for every option it adds (to check the
+    metavar), and one given no width imports shutil to size the terminal;
+    shutil brings bz2 and lzma along, a tenth of a one-shot command's own
+    start-up. The width is what ``shutil.get_terminal_size()`` would give.
+    """
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: Optional[int] = None,
+    ) -> None:
+        width = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _RawDescriptionFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """A command's help: its description and examples keep their line breaks."""
+
+
+def _columns() -> int:
+    """``$COLUMNS``, else the width of the terminal on stdout, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0 and sys.__stdout__ is not None:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 def _command_word(argv: Sequence[str]) -> Optional[str]:
@@ -704,6 +792,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The whole command line; with ``only``, just that command's options are built."""
     parser = argparse.ArgumentParser(
         prog="virt-balloon-stats",
+        formatter_class=_HelpFormatter,
         description="Read, control and cross-check QEMU virtio-balloon guest memory statistics "
         "through libvirt.",
         epilog="Domains are named as virsh names them: name, UUID or id. "
@@ -718,14 +807,13 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         name: str, func: Callable[[Run], int], help_text: str, description: str
     ) -> argparse.ArgumentParser:
         if only is not None and name != only:
-            sub.add_parser(name, help=help_text)
             return cast(argparse.ArgumentParser, _Unbuilt())
         p = sub.add_parser(
             name,
             help=help_text,
             description=description,
             epilog="examples:\n" + "\n".join(f"  virt-balloon-stats {e}" for e in _EXAMPLES[name]),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_RawDescriptionFormatter,
         )
         _common(p, suppress=True)
         p.set_defaults(func=func)
@@ -945,12 +1033,9 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     parser = build_parser(_command_word(words))
     args = parser.parse_args(words)
     args.connect = (args.connect or []) + (getattr(args, "connect_after", None) or []) or None
-    # The long-running commands log their state changes (one line each, not per cycle).
-    service = args.command in ("exporter", "stream")
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO if service else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    if args.command in ("exporter", "stream", "watch"):
+        # The entry point keeps the cyclic collector off for start-up only (see __main__).
+        gc.enable()
     silence_libvirt_stderr()
     try:
         _validate(args)
@@ -965,6 +1050,8 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     except BalloonStatsError as exc:
         err.write(f"{exc.domain + ': ' if exc.domain else ''}{exc}\n")
         if args.debug:
+            import traceback
+
             traceback.print_exc(file=err)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -36,7 +37,7 @@ from virt_balloon_stats.host import DomainRecord, Guest, Host
 from virt_balloon_stats.polling import PollingState, validate_interval
 from virt_balloon_stats.qmp import POLLING_PROPERTY
 from virt_balloon_stats.qompath import QOMPath, QOMPathCache, by_alias
-from virt_balloon_stats.sample import SOURCES, Sample
+from virt_balloon_stats.sample import SOURCES, Sample, not_read, unanswered
 from virt_balloon_stats.stats import (
     ACTUAL,
     DEFAULT_GRACE_SECONDS,
@@ -62,6 +63,9 @@ CROSSCHECK_ATTEMPTS = 3
 #: Worker threads for :meth:`BalloonStats.sample_many`: QMP calls to different
 #: domains run in parallel inside libvirtd; more threads than this only queue.
 DEFAULT_WORKERS = 4
+
+#: Seconds a one-shot reading waits for a domain before calling it unresponsive.
+DEFAULT_TIMEOUT = 10.0
 
 #: Seconds between re-reads of QEMU's polling interval (and one query-balloon
 #: to cross-check ``actual``) for a domain whose figures give no reason to.
@@ -300,6 +304,7 @@ class BalloonStats:
         source: str = "both",
         *,
         memo: Optional[DomainMemo] = None,
+        timeout: Optional[float] = None,
     ) -> Sample:
         """Read one domain's figures; failures become an ``unreachable`` sample.
 
@@ -307,11 +312,48 @@ class BalloonStats:
         :param memo: What an earlier reading of this incarnation of the
             domain learnt (parsed XML, polling interval); a long-running
             reader keeps one per domain so a steady reading is one QMP call.
-        :raise InvalidArgument: For an unknown source.
+        :param timeout: Seconds to wait; a domain not read by then (a QEMU
+            stopped or hung: libvirt has no reply timeout for its monitor) is
+            ``unresponsive``. The reading goes on in a daemon thread until
+            QEMU answers, and does not keep the process from exiting. A reader
+            that asks again and again should use a
+            :class:`~virt_balloon_stats.collector.Collector`, which never has
+            more than one call out to a domain. ``None`` waits as long as
+            libvirt does.
+        :raise InvalidArgument: For an unknown source or a bad timeout.
         :raise DomainNotFound: When a name does not match (a Guest never fails here).
         """
-        reading = self.begin_sample(ref, source, memo=memo)
-        return self.finish_sample(reading)
+        if timeout is None:
+            return self.finish_sample(self.begin_sample(ref, source, memo=memo))
+        if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+            raise InvalidArgument(f"timeout must be more than 0 seconds, not {timeout}")
+        guest = self.guest(ref)  # a lookup in libvirtd: QEMU is not asked
+        outcome: List[Union[Sample, BaseException]] = []
+
+        def read() -> None:
+            try:
+                outcome.append(self.sample(guest, source, memo=memo))
+            except BaseException as err:  # raised again in the caller's thread
+                outcome.append(err)
+
+        began = self.monotonic()
+        reader = threading.Thread(target=read, name=f"vbs-sample-{guest.name}", daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not outcome:
+            return not_read(
+                self.host.uri,
+                guest.name,
+                guest.uuid,
+                guest.id,
+                source=source,
+                sampled_at=self.clock(),
+                status=Status.UNRESPONSIVE,
+                message=unanswered(self.monotonic() - began),
+            )
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
     def begin_sample(
         self,

@@ -53,20 +53,24 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from virt_balloon_stats.client import DEFAULT_WORKERS, BalloonStats, DomainMemo, GuestRef, Reading
-from virt_balloon_stats.crosscheck import skipped
+from virt_balloon_stats.client import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_WORKERS,
+    BalloonStats,
+    DomainMemo,
+    GuestRef,
+    Reading,
+)
 from virt_balloon_stats.errors import (
     BalloonStatsError,
     ConnectionFailed,
     DomainNotFound,
     DomainNotRunning,
     InvalidArgument,
-    QEMUUnresponsive,
 )
 from virt_balloon_stats.host import DomainRecord, Guest, HostEvent, default_uri, start_event_loop
-from virt_balloon_stats.polling import PollingState
 from virt_balloon_stats.pool import WorkerPool
-from virt_balloon_stats.sample import SOURCES, Sample
+from virt_balloon_stats.sample import SOURCES, Sample, not_read, unanswered
 from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS, Status
 
 __all__ = [
@@ -82,9 +86,9 @@ __all__ = [
 ]
 
 LOG = logging.getLogger(__name__)
-
-#: Seconds a one-shot reading waits for a domain before calling it unresponsive.
-DEFAULT_TIMEOUT = 10.0
+# The package's loggers are silent until the application configures logging
+# (the collector is the part that logs; the exporter sits on it).
+logging.getLogger("virt_balloon_stats").addHandler(logging.NullHandler())
 
 #: Reconnect backoff: first retry after this many seconds, doubling up to the max.
 RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0
@@ -739,10 +743,8 @@ class Collector:
 
     def _unresponsive(self, session: _HostSession, entry: _Entry) -> Sample:
         waited = time.monotonic() - entry.pending_since
-        message = (
-            f"QEMU did not answer within {waited:.0f} s; it may be hung or stopped"
-            + ("; not asked again until it answers" if self.events or entry.last else "")
-        )
+        again = "; not asked again until it answers" if self.events or entry.last else ""
+        message = unanswered(waited) + again
         return self._placeholder(session.uri, entry.guest, entry.last, Status.UNRESPONSIVE, message)
 
     def _unreachable(self, session: _HostSession, entry: _Entry) -> Sample:
@@ -761,25 +763,16 @@ class Collector:
         self, uri: str, guest: Optional[Guest], last: Optional[Sample], status: Status, message: str
     ) -> Sample:
         """A sample without figures, for a domain that could not be read this cycle."""
-        name = guest.name if guest is not None else last.domain if last is not None else ""
-        error: BalloonStatsError
-        if status is Status.UNREACHABLE:
-            error = ConnectionFailed(message, domain=name)
-        else:
-            error = QEMUUnresponsive(message, domain=name)
-        return Sample(
-            uri=uri,
-            domain=name,
-            uuid=guest.uuid if guest is not None else last.uuid if last is not None else "",
-            id=guest.id if guest is not None else last.id if last is not None else None,
+        return not_read(
+            uri,
+            guest.name if guest is not None else last.domain if last is not None else "",
+            guest.uuid if guest is not None else last.uuid if last is not None else "",
+            guest.id if guest is not None else last.id if last is not None else None,
             source=self.source,
-            state=last.state if last is not None else "unknown",
             sampled_at=self.clock(),
             status=status,
             message=message,
-            polling=last.polling if last is not None else PollingState(None, None),
-            crosscheck=skipped("the figures could not be read"),
-            error=error,
+            last=last,
         )
 
     def _known(self, session: _HostSession) -> List[_Entry]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional
 
-from virt_balloon_stats.crosscheck import CrossCheck
-from virt_balloon_stats.errors import BalloonStatsError
+from virt_balloon_stats.crosscheck import CrossCheck, skipped
+from virt_balloon_stats.errors import BalloonStatsError, ConnectionFailed, QEMUUnresponsive
 from virt_balloon_stats.polling import PollingState
 from virt_balloon_stats.qompath import QOMPath
 from virt_balloon_stats.stats import GuestStats, Status
 
-__all__ = ["SOURCES", "Sample"]
+__all__ = ["SOURCES", "Sample", "not_read", "unanswered"]
 
 #: ``qmp``: QEMU through the passthrough (taints the domain as custom-monitor);
 #: ``libvirt``: memoryStats() and the live XML only (no taint, works read-only);
@@ -94,3 +94,47 @@ class Sample:
             "libvirt": dict(self.libvirt) if self.libvirt is not None else None,
             "crosscheck": self.crosscheck.to_dict(),
         }
+
+
+def unanswered(waited: float) -> str:
+    """The message of a domain whose QEMU did not answer in time."""
+    return f"QEMU did not answer within {waited:.0f} s; it may be hung or stopped"
+
+
+def not_read(
+    uri: str,
+    domain: str,
+    uuid: str,
+    id: Optional[int],
+    *,
+    source: str,
+    sampled_at: float,
+    status: Status,
+    message: str,
+    last: Optional[Sample] = None,
+) -> Sample:
+    """A sample without figures, for a domain that could not be read this time.
+
+    ``status`` is ``unresponsive`` (QEMU did not answer in time) or
+    ``unreachable`` (the connection is gone); the error says which. What is
+    still known from the ``last`` reading (state, polling) is kept.
+    """
+    error: BalloonStatsError
+    if status is Status.UNREACHABLE:
+        error = ConnectionFailed(message, domain=domain)
+    else:
+        error = QEMUUnresponsive(message, domain=domain)
+    return Sample(
+        uri=uri,
+        domain=domain,
+        uuid=uuid,
+        id=id,
+        source=source,
+        state=last.state if last is not None else "unknown",
+        sampled_at=sampled_at,
+        status=status,
+        message=message,
+        polling=last.polling if last is not None else PollingState(None, None),
+        crosscheck=skipped("the figures could not be read"),
+        error=error,
+    )

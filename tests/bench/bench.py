@@ -267,7 +267,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (it starts libvirtd and creates domains)")
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    from virt_balloon_stats.client import DEFAULT_WORKERS
     from virt_balloon_stats.collector import Collector
+
+    default_name = f"collector, default ({DEFAULT_WORKERS} workers)"
 
     testbed("up")
     conn = libvirt.open(URI)
@@ -297,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 warm.collect()
             calls: List[Dict[str, int]] = []
             contenders = dict(floors.contenders())
-            contenders["collector, default (8 workers)"] = steady(default, calls)
+            contenders[default_name] = steady(default, calls)
             contenders["collector, 1 worker"] = steady(single)
             contenders[f"collector, default, N={len(small)}"] = steady(few)
             log(f"B1-B5: {args.runs} interleaved rounds over {len(names)} domains")
@@ -309,10 +312,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in floor_names:
             tag = " (the floor)" if name == floor else " (the serial floor)" if name == serial else ""
             report.add("B1", name + tag, medians[name] * 1000, " ms", detail=summary(times[name]))
-        ours = medians["collector, default (8 workers)"]
+        ours = medians[default_name]
         ratio = ours / medians[floor]
         report.add("B2", f"steady collector cycle, N={len(names)}, over the floor", ratio, "x", "<= 1.15x",
-                   ratio <= 1.15, {"cycle": summary(times["collector, default (8 workers)"]), "floor": floor})
+                   ratio <= 1.15, {"cycle": summary(times[default_name]), "floor": floor})
         gain = medians["collector, 1 worker"] / ours
         report.add("B3", "default workers over one worker (speed-up)", gain, "x", ">= 1.6x", gain >= 1.6,
                    {"one_worker": summary(times["collector, 1 worker"])})

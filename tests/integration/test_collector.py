@@ -109,6 +109,33 @@ def test_check_all_is_critical_for_a_stopped_qemu_and_ends_on_time(four_guests):
     assert proc.stdout.startswith("BALLOON OK - ")
 
 
+def test_one_stopped_domain_alone_is_unresponsive_on_time(four_guests):
+    """One domain on its own is read without a collector, within the same deadline, with the same verdicts."""
+    hung = four_guests[2]
+    with stopped(hung):
+        began = time.monotonic()
+        stats = vbs("stats", "--timeout", str(TIMEOUT), "--format", "json", hung, timeout=60)
+        took_stats = time.monotonic() - began
+        began = time.monotonic()
+        check = vbs("check", "--timeout", str(TIMEOUT), hung, timeout=60)
+        took_check = time.monotonic() - began
+    message = f"QEMU did not answer within {TIMEOUT} s; it may be hung or stopped"
+    assert took_stats < TIMEOUT + STARTUP_SLACK, f"took {took_stats:.1f} s"
+    assert stats.returncode == 1, stats.stderr
+    (doc,) = json.loads(stats.stdout)
+    assert (doc["domain"], doc["status"], doc["message"], doc["stats"]) == (hung, "unresponsive", message, {})
+    assert doc["uuid"] == virsh("domuuid", hung).strip()
+    assert stats.stderr.splitlines() == [f"{hung}: {message}"]
+    assert took_check < TIMEOUT + STARTUP_SLACK, f"took {took_check:.1f} s"
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert f"CRITICAL: {hung}: unresponsive: {message}" in check.stdout.splitlines()
+
+    # QEMU moves again: the same command reads it.
+    proc = vbs("stats", "--timeout", str(TIMEOUT), "--format", "json", hung)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["status"] == "ok"
+
+
 def test_long_running_collector_keeps_its_pace_with_one_qemu_stopped(four_guests):
     """At most one outstanding call for the hung domain: thread count stays put, cycles stay short."""
     hung = four_guests[2]

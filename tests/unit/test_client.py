@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import libvirt
 import pytest
@@ -33,6 +34,7 @@ from virt_balloon_stats.errors import (
     DomainNotRunning,
     InvalidArgument,
     NoBalloonDevice,
+    QEMUUnresponsive,
     QMPBadReply,
 )
 from virt_balloon_stats.qmp import POLLING_PROPERTY
@@ -438,6 +440,54 @@ MANY = ["virtio-hog", "nostats", "nodriver", "noos", "paused", "none"]
 def _many(**kwargs):
     fixtures = [load(n) for n in MANY]
     return World(fixtures, now=now_for(fixtures[0]), **kwargs), fixtures
+
+
+# -- one domain within a deadline ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", scenario_names())
+def test_sample_within_a_deadline_reads_what_sample_reads(name):
+    """QEMU answers: the deadline changes nothing, figure for figure."""
+    domain = load(name)["domain"]["name"]
+    within = world(name).client.sample(domain, timeout=30)
+    assert within.to_dict() == world(name).client.sample(domain).to_dict()
+
+
+def test_sample_of_a_qemu_that_does_not_answer_is_unresponsive_on_time():
+    """A stopped QEMU holds the call; the caller gets an unresponsive sample at the deadline, not a hang."""
+    w = world("virtio")
+    release = w.domain.hang()
+    try:
+        began = time.monotonic()
+        sample = w.client.sample(w.guest(), timeout=0.3)
+        took = time.monotonic() - began
+        assert w.domain.held() == 1
+    finally:
+        release.set()
+    assert 0.3 <= took < 2.0, took
+    assert sample.status is Status.UNRESPONSIVE
+    assert sample.message == "QEMU did not answer within 0 s; it may be hung or stopped"
+    assert isinstance(sample.error, QEMUUnresponsive)
+    assert (sample.domain, sample.uuid, sample.id) == (w.domain.name(), w.domain.UUIDString(), w.domain.ID())
+    assert (sample.stats, sample.actual_bytes, sample.libvirt) == (None, None, None)
+    assert sample.to_dict()["stats"] == {}
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), "5"])
+def test_sample_refuses_a_bad_deadline_before_any_call(timeout):
+    w = world("virtio")
+    with pytest.raises(InvalidArgument, match="timeout must be more than 0 seconds"):
+        w.client.sample(w.guest(), timeout=timeout)
+    assert w.client.rpc_counts == {}
+
+
+def test_sample_within_a_deadline_raises_what_sample_raises():
+    """A failure inside the reading thread reaches the caller, as it would without a deadline."""
+    w = world("virtio")
+    with pytest.raises(InvalidArgument, match="unknown source"):
+        w.client.sample(w.guest(), "neither", timeout=5)
+    with pytest.raises(DomainNotFound):
+        w.client.sample("no-such-domain", timeout=5)
 
 
 def test_sample_many_makes_one_bulk_call_for_all_domains():

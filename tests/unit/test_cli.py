@@ -1,0 +1,62 @@
+"""virt_balloon_stats.cli and its entry point: what the command line does before any domain is read.
+
+Commands run in-process against libvirt's own test driver (``test:///default``,
+part of libvirt itself, no daemon): it has no QMP passthrough, so every
+reading fails, which is enough for what is checked here.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import shutil
+from typing import Iterator, List
+
+import pytest
+
+from virt_balloon_stats.cli import _columns, main
+
+TEST_URI = "test:///default"
+
+
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    """The cyclic garbage collector off, as the entry point leaves it for start-up; on again after."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _run(argv: List[str]) -> int:
+    return main(["-c", TEST_URI, *argv], out=io.StringIO(), err=io.StringIO())
+
+
+@pytest.mark.parametrize("argv", [["watch", "--count", "1", "--all"], ["stream", "--count", "1", "--all"]])
+def test_long_running_commands_turn_the_cyclic_collector_back_on(collector_off, argv):
+    _run(argv)
+    assert gc.isenabled()
+
+
+@pytest.mark.parametrize("argv", [["stats", "--all"], ["stats", "test"], ["check", "--all"]])
+def test_one_shot_commands_leave_it_off(collector_off, argv):
+    assert _run(argv) != 0  # the test driver has no QMP passthrough
+    assert not gc.isenabled()
+
+
+@pytest.mark.parametrize("columns", ["60", "132", "", "junk", "-5", "0"])
+def test_help_is_as_wide_as_argparse_would_make_it(monkeypatch, capsys, columns):
+    """The width argparse gets from shutil, without importing shutil: options wrap at $COLUMNS - 2."""
+    monkeypatch.setenv("COLUMNS", columns)
+    width = shutil.get_terminal_size().columns
+    assert _columns() == width
+    with pytest.raises(SystemExit) as stop:
+        main(["stats", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    start = text.index("\noptions:\n")
+    options = text[start:].split("\n\n")[0].splitlines()[1:]
+    assert len(options) > 10
+    assert max(len(line) for line in options) <= width - 2
+    assert max(len(line) for line in options) > min(width, 80) - 2 - 10  # the room is used
