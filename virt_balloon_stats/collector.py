@@ -51,7 +51,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from virt_balloon_stats.client import (
     DEFAULT_TIMEOUT,
@@ -524,13 +524,19 @@ class Collector:
         """
         cutoff = deadline - _BULK_RESERVE * timeout
         slow = min(SLOW_READ, (cutoff - start) / 4)
-        batches = [_Batches(session, bulk, work, self.source != "qmp") for session, bulk, work in rounds]
+        # Futures report here as they finish: the loop wakes once per event
+        # instead of polling every future (which cost more CPU than the
+        # readings themselves with a few dozen domains).
+        finished: "queue.SimpleQueue[Optional[_Batches]]" = queue.SimpleQueue()
+        balloon = self.source != "qmp"
+        batches = [_Batches(session, bulk, work, balloon, finished) for session, bulk, work in rounds]
         closed = False
         while True:
             now = time.monotonic()
             # Reads first: a read that is done has joined its round, so the
             # fire() below takes it.
-            reads = [f for b in batches for f in b.reads_pending()]
+            _count_finished(finished)
+            reads = sum(b.reads_left for b in batches)
             if now >= cutoff and not closed:
                 closed = True
                 for batch in batches:
@@ -541,7 +547,7 @@ class Collector:
             for batch in batches:
                 batch.fire(force=stalled)
                 batch.finish_returned(self._pool)
-            calls = [f for b in batches for f in b.calls_pending()]
+            calls = sum(b.calls_left for b in batches)
             if not reads and not calls and all(b.idle() for b in batches):
                 return
             if closed and not calls:
@@ -552,14 +558,9 @@ class Collector:
             until = cutoff if not closed else (cutoff + deadline) / 2
             if now >= until:
                 break
-            waiting_on: "List[concurrent.futures.Future[Any]]" = [*reads, *calls]
-            done, _ = concurrent.futures.wait(
-                waiting_on,
-                timeout=max(0.0, min(until - now, slow)),
-                return_when=concurrent.futures.FIRST_COMPLETED,
-            )
+            done = _count_finished(finished, wait=max(0.0, min(until - now, slow)))
             if not done and time.monotonic() - start >= slow:
-                self._pool.reserve(stuck + sum(1 for f in reads if f.running()))
+                self._pool.reserve(stuck + sum(b.reads_running() for b in batches))
         # Bulk calls still out: their domains ask libvirt on their own.
         for batch in batches:
             batch.abandon(self._pool)
@@ -863,7 +864,14 @@ class _Batches:
     Used by the collector's thread only.
     """
 
-    def __init__(self, session: _HostSession, bulk: _BulkRound, work: List[_Work], balloon: bool) -> None:
+    def __init__(
+        self,
+        session: _HostSession,
+        bulk: _BulkRound,
+        work: List[_Work],
+        balloon: bool,
+        finished: "queue.SimpleQueue[Optional[_Batches]]",
+    ) -> None:
         client = session.client
         assert client is not None
         self.session = session
@@ -878,15 +886,22 @@ class _Batches:
         self.chunks = [size] * (calls - 1)  # the last call takes whatever is left
         self.waiting: List[Reading] = []
         self.calls: Dict["concurrent.futures.Future[Dict[str, DomainRecord]]", List[Reading]] = {}
+        self._finished = finished
         self._reads = [item for _, item in work if isinstance(item, concurrent.futures.Future)]
+        #: QEMU reads (the first half of each reading) not yet counted back
+        #: by the collector's thread (see :func:`_count_finished`).
+        self.reads_left = len(self._reads)
+        for read in self._reads:
+            read.add_done_callback(lambda _future: finished.put(self))
 
-    def reads_pending(self) -> "List[concurrent.futures.Future[Union[Reading, Sample]]]":
-        """QEMU reads still running (the first half of each reading)."""
-        self._reads = [f for f in self._reads if not f.done()]
-        return self._reads
+    def reads_running(self) -> int:
+        """QEMU reads running now (not queued for a worker)."""
+        return sum(1 for f in self._reads if f.running())
 
-    def calls_pending(self) -> "List[concurrent.futures.Future[Dict[str, DomainRecord]]]":
-        return [f for f in self.calls if not f.done()]
+    @property
+    def calls_left(self) -> int:
+        """Bulk calls out whose domains are not finished yet."""
+        return len(self.calls)
 
     def idle(self) -> bool:
         return not self.waiting and not self.calls
@@ -901,12 +916,14 @@ class _Batches:
         if not self.waiting:
             return
         chunk = self.chunks[0] if self.chunks else self.expected
-        if not force and len(self.waiting) < chunk and self.reads_pending():
+        if not force and len(self.waiting) < chunk and self.reads_left:
             return
         readings, self.waiting = self.waiting, []
         self.chunks = self.chunks[1:]
         # None: libvirtd has not answered earlier bulk calls; ask per domain instead.
-        self.calls[self._call([r.guest for r in readings]) or _done({})] = readings
+        call = self._call([r.guest for r in readings]) or _done({})
+        self.calls[call] = readings
+        call.add_done_callback(lambda _future: self._finished.put(None))
 
     def _call(self, guests: List[Guest]) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
         pending = [f for f in self.session.bulk_pending if not f.done()]
@@ -946,6 +963,23 @@ class _Batches:
             entry, _ = self.work[index]
             entry.pending = pool.submit(self.client.finish_sample, reading, records.get(reading.guest.uuid))
             self.work[index] = (entry, entry.pending)
+
+
+def _count_finished(finished: "queue.SimpleQueue[Optional[_Batches]]", wait: Optional[float] = None) -> bool:
+    """Count the QEMU reads reported finished; ``False`` when nothing had finished.
+
+    :param wait: Seconds to wait for the first report; ``None`` takes only
+        what is there. A bulk call's report (``None``) wakes the wait too.
+    """
+    got = False
+    while True:
+        try:
+            batch = finished.get(timeout=wait) if wait is not None and not got else finished.get_nowait()
+        except queue.Empty:
+            return got
+        got = True
+        if batch is not None:
+            batch.reads_left -= 1
 
 
 def _done(value: Dict[str, DomainRecord]) -> "concurrent.futures.Future[Dict[str, DomainRecord]]":
