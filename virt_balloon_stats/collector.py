@@ -422,7 +422,9 @@ class Collector:
         hosts: Dict[str, HostState] = {}
         problems: List[Problem] = []
         planned: List[Tuple[_HostSession, List[_Work]]] = []
-        rounds: List[Tuple[_HostSession, _BulkRound, List[_Work]]] = []
+        rounds: List[Tuple[_BulkRound, List[_Work]]] = []
+        # Bulk calls and the last QEMU read of each host wake the pipeline.
+        wake: "queue.SimpleQueue[None]" = queue.SimpleQueue()
         stuck = sum(1 for s in self._sessions for e in s.entries.values() if _busy(e))
         self._pool.reserve(stuck)
         for session in self._sessions:
@@ -432,7 +434,7 @@ class Collector:
                 planned.append((session, [(e, self._unreachable(session, e)) for e in self._known(session)]))
                 continue
             try:
-                bulk, work = self._plan(session, problems)
+                bulk, work = self._plan(session, problems, wake)
             except ConnectionFailed as err:
                 self._lose(session, str(err))
                 hosts[session.uri] = self._down(session)
@@ -441,9 +443,9 @@ class Collector:
             hosts[session.uri] = HostState(session.uri, True)
             planned.append((session, work))
             if bulk is not None:
-                rounds.append((session, bulk, work))
+                rounds.append((bulk, work))
         # Everyone reads QEMU first; bulk calls then cover those that answered.
-        self._pipeline(rounds, start, deadline, timeout, stuck)
+        self._pipeline(rounds, wake, start, deadline, timeout, stuck)
         futures = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
         concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
         samples: List[Sample] = []
@@ -498,7 +500,8 @@ class Collector:
 
     def _pipeline(
         self,
-        rounds: "List[Tuple[_HostSession, _BulkRound, List[_Work]]]",
+        rounds: "List[Tuple[_BulkRound, List[_Work]]]",
+        wake: "queue.SimpleQueue[None]",
         start: float,
         deadline: float,
         timeout: float,
@@ -507,50 +510,45 @@ class Collector:
         """From QEMU reads to finished readings: bulk calls in chunks, as the reads come back.
 
         Readings join their host's round as their QEMU answers; as soon as a
-        chunk of them has (a share of the domains, :data:`BULK_CHUNKS`), one
-        bulk call fetches libvirt's side of that chunk, while the other reads
-        go on; when a bulk call returns, its domains are finished in the
-        workers. So libvirt's serial bulk work overlaps the QMP reads instead of
-        following them. At the cutoff (:data:`_BULK_RESERVE` of the deadline
-        before it) the rounds close; a read still running then is left to
-        finish alone. Halfway from the cutoff to the deadline, the domains of a
-        bulk call still out ask libvirt on their own: a QEMU that stopped
-        between its QMP read and the bulk call holds that call.
+        chunk of them has (a share of the domains, :data:`BULK_CHUNKS`), the
+        worker that completed it sends one bulk call for libvirt's side of
+        that chunk, while the other reads go on; when a bulk call returns, this
+        thread has its domains finished in the workers. So libvirt's serial
+        bulk work overlaps the QMP reads instead of following them, and this
+        thread wakes a few times a cycle, not once per domain. At the cutoff
+        (:data:`_BULK_RESERVE` of the deadline before it) the rounds close; a
+        read still running then is left to finish alone. Halfway from the
+        cutoff to the deadline, the domains of a bulk call still out ask
+        libvirt on their own: a QEMU that stopped between its QMP read and the
+        bulk call holds that call.
 
         A read takes milliseconds; one still running after :data:`SLOW_READ`
-        seconds (or a fifth of the deadline, if shorter) is taken for stuck,
-        and the pool gets a spare thread for it, so the domains queued behind
-        it are read on time even when every worker is held by a hung QEMU.
+        seconds (or a fifth of the deadline, if shorter) is taken for stuck:
+        the domains waiting for a chunk to fill get their bulk call now, not at
+        the cutoff, and the pool gets a spare thread per stuck read, so the
+        domains queued behind it are read on time even when every worker is
+        held by a hung QEMU.
         """
         cutoff = deadline - _BULK_RESERVE * timeout
         slow = min(SLOW_READ, (cutoff - start) / 4)
-        # Futures report here as they finish: the loop wakes once per event
-        # instead of polling every future (which cost more CPU than the
-        # readings themselves with a few dozen domains).
-        finished: "queue.SimpleQueue[Optional[_Batches]]" = queue.SimpleQueue()
-        balloon = self.source != "qmp"
-        batches = [_Batches(session, bulk, work, balloon, finished) for session, bulk, work in rounds]
-        closed = False
+        where = [{entry.guest.uuid: i for i, (entry, _) in enumerate(work)} for _, work in rounds]
+        closed = hurried = False
         while True:
             now = time.monotonic()
-            # Reads first: a read that is done has joined its round, so the
-            # fire() below takes it.
-            _count_finished(finished)
-            reads = sum(b.reads_left for b in batches)
             if now >= cutoff and not closed:
                 closed = True
-                for batch in batches:
-                    batch.close()
-            # Reads still out after ``slow`` are taken for stuck: the domains
-            # waiting for a chunk to fill get their bulk call now, not at the cutoff.
-            stalled = closed or now - start >= slow
-            for batch in batches:
-                batch.fire(force=stalled)
-                batch.finish_returned(self._pool)
-            calls = sum(b.calls_left for b in batches)
-            if not reads and not calls and all(b.idle() for b in batches):
+                for bulk, _ in rounds:
+                    bulk.close()
+            if not hurried and (closed or now - start >= slow):
+                hurried = True
+                for bulk, _ in rounds:
+                    bulk.hurry()
+            for (bulk, work), index in zip(rounds, where):
+                for readings, records in bulk.returned():
+                    self._finish(bulk, work, index, readings, records)
+            if all(bulk.settled() for bulk, _ in rounds):
                 return
-            if closed and not calls:
+            if closed and not any(bulk.calls_out for bulk, _ in rounds):
                 return
             # After the cutoff, bulk calls get half of what is left; then their
             # domains ask libvirt on their own, in time for the deadline. (A QEMU
@@ -558,12 +556,28 @@ class Collector:
             until = cutoff if not closed else (cutoff + deadline) / 2
             if now >= until:
                 break
-            done = _count_finished(finished, wait=max(0.0, min(until - now, slow)))
-            if not done and time.monotonic() - start >= slow:
-                self._pool.reserve(stuck + sum(b.reads_running() for b in batches))
+            woken = _woken(wake, max(0.0, min(until - now, slow)))
+            if not woken and time.monotonic() - start >= slow:
+                self._pool.reserve(stuck + sum(bulk.reads_running() for bulk, _ in rounds))
         # Bulk calls still out: their domains ask libvirt on their own.
-        for batch in batches:
-            batch.abandon(self._pool)
+        for (bulk, work), index in zip(rounds, where):
+            self._finish(bulk, work, index, bulk.abandon(), {})
+
+    def _finish(
+        self,
+        bulk: "_BulkRound",
+        work: List[_Work],
+        index: Dict[str, int],
+        readings: List[Reading],
+        records: Dict[str, DomainRecord],
+    ) -> None:
+        """Finish readings in the workers, with their bulk call's records (none: each asks libvirt)."""
+        for reading in readings:
+            i = index[reading.guest.uuid]
+            entry, _ = work[i]
+            record = records.get(reading.guest.uuid)
+            entry.pending = self._pool.submit(bulk.client.finish_sample, reading, record)
+            work[i] = (entry, entry.pending)
 
     # -- connection ----------------------------------------------------------
 
@@ -657,7 +671,7 @@ class Collector:
     # -- planning and settling ---------------------------------------------------
 
     def _plan(
-        self, session: _HostSession, problems: List[Problem]
+        self, session: _HostSession, problems: List[Problem], wake: "queue.SimpleQueue[None]"
     ) -> Tuple[Optional["_BulkRound"], List[_Work]]:
         """List the domains if needed and start each domain's reading of QEMU."""
         client = session.client
@@ -666,15 +680,18 @@ class Collector:
         if not self.events or now >= session.relist_due:
             self._relist(session, problems)
             session.relist_due = now + RELIST_SECONDS
-        entries = [session.entries[k] for k in self._order(session)]
-        bulk = _BulkRound() if entries else None
+        # Decided once: a call still out may come back while this loop runs.
+        entries = [(session.entries[k], _busy(session.entries[k])) for k in self._order(session)]
+        free = sum(1 for _, busy in entries if not busy)
+        bulk = _BulkRound(session, free, self.source != "qmp", wake) if free else None
         work: List[_Work] = []
-        for entry in entries:
-            if _busy(entry) or bulk is None:
+        for entry, busy in entries:
+            if busy or bulk is None:
                 work.append((entry, self._unresponsive(session, entry)))
                 continue
             entry.pending = self._pool.submit(self._begin, client, entry, bulk)
             entry.pending_since = time.monotonic()
+            bulk.track(entry.pending)
             work.append((entry, entry.pending))
         return bulk, work
 
@@ -814,130 +831,141 @@ _BULK_RESERVE = 0.2
 
 
 class _BulkRound:
-    """The domains of one host that read QEMU in time for this cycle's bulk call.
+    """One host's bulk calls in one cycle, shared by the workers and the collector's thread.
 
-    Each domain's reading reads QEMU first, then joins the round. When every
-    domain has, or when the cycle nears its deadline, the round closes and one
-    ``virDomainListGetStats`` call with ``NOWAIT`` fetches the state and
-    balloon figures of those that joined. A domain whose QEMU hangs never
-    joins, so it is never part of the call: with a hung QEMU whose job is
-    free, a bulk call that included it would block until QEMU moved again.
-    A reading that comes back after the round closed finishes on its own.
-    """
+    Each domain's reading reads QEMU first, in a worker, then joins the round.
+    The worker whose read completes a chunk (a share of the domains,
+    :data:`BULK_CHUNKS`; the last chunk when every read is back) sends that
+    chunk's ``virDomainListGetStats`` call with ``NOWAIT`` itself, for the
+    state and balloon figures of the domains in it, while the other reads go
+    on. The collector's thread is woken only when a call returns, to finish
+    its domains, and by its own timers: once reads stall it has every
+    reading that joins sent at once (:meth:`hurry`), and at the cutoff it
+    closes the round (:meth:`close`).
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open = True
-        self._joined: List[Reading] = []
-
-    def join(self, reading: Reading) -> bool:
-        """Add a reading to the round; ``False`` when the round has closed."""
-        with self._lock:
-            if self._open:
-                self._joined.append(reading)
-            return self._open
-
-    def take(self) -> List[Reading]:
-        """The readings that joined since the last take."""
-        with self._lock:
-            taken, self._joined = self._joined, []
-            return taken
-
-    def close(self) -> List[Reading]:
-        """Close the round and return the readings that joined since the last take."""
-        with self._lock:
-            self._open = False
-            taken, self._joined = self._joined, []
-            return taken
-
-
-class _Batches:
-    """One host's bulk calls in one cycle: readings waiting, calls out, and their finishing.
-
-    A domain joins a bulk call only once its QEMU has answered, in chunks as
-    the reads come back: a QEMU in trouble is never part of a bulk call,
-    which it would block. (Bulk calls sent alongside the QMP reads, as the
-    bare floor does, were tried: with ``NOWAIT`` they skip the domains whose
-    jobs the reads hold, and without it a QEMU stopped at the wrong moment
-    left a healthy domain's calls blocked too, seen on the testbed.)
-
-    Used by the collector's thread only.
+    A domain whose QEMU hangs never joins, so it is never part of a call:
+    with a hung QEMU whose job is free, a bulk call that included it would
+    block until QEMU moved again. A reading that comes back after the round
+    closed finishes on its own. (Bulk calls sent alongside the QMP reads, as
+    the bare floor does, were tried: with ``NOWAIT`` they skip the domains
+    whose jobs the reads hold, and without it a QEMU stopped at the wrong
+    moment left a healthy domain's calls blocked too, seen on the testbed.)
     """
 
     def __init__(
-        self,
-        session: _HostSession,
-        bulk: _BulkRound,
-        work: List[_Work],
-        balloon: bool,
-        finished: "queue.SimpleQueue[Optional[_Batches]]",
+        self, session: _HostSession, expected: int, balloon: bool, wake: "queue.SimpleQueue[None]"
     ) -> None:
         client = session.client
         assert client is not None
-        self.session = session
+        self._session = session
         self.client = client
-        self.round = bulk
-        self.work = work
-        self.balloon = balloon
-        self.index = {entry.guest.uuid: i for i, (entry, _) in enumerate(work)}
-        self.expected = sum(1 for _, item in work if isinstance(item, concurrent.futures.Future))
+        self._balloon = balloon
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._open = True
+        self._hurry = False
+        self._reads: "List[concurrent.futures.Future[Union[Reading, Sample]]]" = []
+        self._reads_left = expected
+        self._expected = expected
         calls = session.bulk_calls
-        size = max(BULK_MIN_CHUNK, -(-self.expected // calls))
-        self.chunks = [size] * (calls - 1)  # the last call takes whatever is left
-        self.waiting: List[Reading] = []
-        self.calls: Dict["concurrent.futures.Future[Dict[str, DomainRecord]]", List[Reading]] = {}
-        self._finished = finished
-        self._reads = [item for _, item in work if isinstance(item, concurrent.futures.Future)]
-        #: QEMU reads (the first half of each reading) not yet counted back
-        #: by the collector's thread (see :func:`_count_finished`).
-        self.reads_left = len(self._reads)
-        for read in self._reads:
-            read.add_done_callback(lambda _future: finished.put(self))
+        size = max(BULK_MIN_CHUNK, -(-expected // calls))
+        self._chunks = [size] * (calls - 1)  # the last call takes whatever is left
+        self._waiting: List[Reading] = []
+        self._calls: Dict["concurrent.futures.Future[Dict[str, DomainRecord]]", List[Reading]] = {}
+
+    # -- in the workers --------------------------------------------------------
+
+    def track(self, read: "concurrent.futures.Future[Union[Reading, Sample]]") -> None:
+        """Follow one domain's QEMU read (the first half of its reading); one per ``expected``."""
+        self._reads.append(read)
+        read.add_done_callback(self._read_done)
+
+    def join(self, reading: Reading) -> bool:
+        """Add a reading whose QEMU answered; ``False`` when the round has closed."""
+        with self._lock:
+            if self._open:
+                self._waiting.append(reading)
+            return self._open
+
+    def _read_done(self, _read: object) -> None:
+        with self._lock:
+            self._reads_left -= 1
+            self._send_locked(force=self._hurry)
+            last = not self._reads_left
+        if last:
+            self._wake.put(None)
+
+    # -- in the collector's thread ------------------------------------------------
+
+    def hurry(self) -> None:
+        """Reads are stalling: what has joined goes now, and so does each later join."""
+        with self._lock:
+            self._hurry = True
+            self._send_locked(force=True)
+
+    def close(self) -> None:
+        """The cutoff: no more joins; what has joined goes now."""
+        with self._lock:
+            self._open = False
+            self._send_locked(force=True)
+
+    def returned(self) -> List[Tuple[List[Reading], Dict[str, DomainRecord]]]:
+        """The readings of each bulk call that has returned, with its records."""
+        with self._lock:
+            done = [f for f in self._calls if f.done()]
+            returned = [(self._calls.pop(f), f) for f in done]
+        return [(readings, self._records(call)) for readings, call in returned]
+
+    def abandon(self) -> List[Reading]:
+        """Close the round and give up on the calls still out: their readings, and any waiting."""
+        with self._lock:
+            self._open = False
+            if self._calls:
+                LOG.info("%s: a bulk stats call did not return in time", self._session.uri)
+            leftover = [r for readings in self._calls.values() for r in readings] + self._waiting
+            self._calls, self._waiting = {}, []
+            return leftover
+
+    @property
+    def calls_out(self) -> int:
+        with self._lock:
+            return len(self._calls)
+
+    def settled(self) -> bool:
+        """Every read back, every joined reading sent, every call returned and taken."""
+        with self._lock:
+            return not self._reads_left and not self._waiting and not self._calls
 
     def reads_running(self) -> int:
         """QEMU reads running now (not queued for a worker)."""
         return sum(1 for f in self._reads if f.running())
 
-    @property
-    def calls_left(self) -> int:
-        """Bulk calls out whose domains are not finished yet."""
-        return len(self.calls)
+    # -- either ------------------------------------------------------------------------
 
-    def idle(self) -> bool:
-        return not self.waiting and not self.calls
-
-    def close(self) -> None:
-        """The cutoff: no more joins."""
-        self.waiting.extend(self.round.close())
-
-    def fire(self, *, force: bool) -> None:
-        """Start a bulk call for the waiting readings once a chunk is ready (or all reads are back)."""
-        self.waiting.extend(self.round.take())
-        if not self.waiting:
+    def _send_locked(self, *, force: bool) -> None:
+        """Send the waiting readings' bulk call once a chunk is ready (or every read is back)."""
+        if not self._waiting:
             return
-        chunk = self.chunks[0] if self.chunks else self.expected
-        if not force and len(self.waiting) < chunk and self.reads_left:
+        chunk = self._chunks[0] if self._chunks else self._expected
+        if not force and len(self._waiting) < chunk and self._reads_left:
             return
-        readings, self.waiting = self.waiting, []
-        self.chunks = self.chunks[1:]
+        readings, self._waiting = self._waiting, []
+        self._chunks = self._chunks[1:]
         # None: libvirtd has not answered earlier bulk calls; ask per domain instead.
         call = self._call([r.guest for r in readings]) or _done({})
-        self.calls[call] = readings
-        call.add_done_callback(lambda _future: self._finished.put(None))
+        self._calls[call] = readings
+        # Registered, then watched: the collector's thread finds it when woken.
+        call.add_done_callback(lambda _call: self._wake.put(None))
 
     def _call(self, guests: List[Guest]) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
-        pending = [f for f in self.session.bulk_pending if not f.done()]
-        if len(pending) >= self.session.bulk_calls:
+        session = self._session
+        pending = [f for f in session.bulk_pending if not f.done()]
+        if len(pending) >= session.bulk_calls:
             return None
-        client, balloon = self.client, self.balloon
-        future = self.session.bulk_pool.submit(lambda: client.host.domain_records(guests, balloon=balloon))
-        self.session.bulk_pending = pending + [future]
+        client, balloon = self.client, self._balloon
+        future = session.bulk_pool.submit(lambda: client.host.domain_records(guests, balloon=balloon))
+        session.bulk_pending = pending + [future]
         return future
-
-    def finish_returned(self, pool: WorkerPool) -> None:
-        """Finish, in the workers, the domains of every bulk call that has returned."""
-        for future in [f for f in self.calls if f.done()]:
-            self._finish(pool, self.calls.pop(future), self._records(future))
 
     def _records(
         self, future: "concurrent.futures.Future[Dict[str, DomainRecord]]"
@@ -946,40 +974,21 @@ class _Batches:
             return future.result()
         except BalloonStatsError as err:
             # Each domain then asks on its own (and a lost connection shows there).
-            LOG.debug("%s: bulk stats failed: %s", self.session.uri, err)
+            LOG.debug("%s: bulk stats failed: %s", self._session.uri, err)
             return {}
 
-    def abandon(self, pool: WorkerPool) -> None:
-        """Finish what is left without waiting any longer for libvirt's bulk answer."""
-        if self.calls:
-            LOG.info("%s: a bulk stats call did not return in time", self.session.uri)
-        leftover = [r for readings in self.calls.values() for r in readings] + self.waiting
-        self.calls, self.waiting = {}, []
-        self._finish(pool, leftover, {})
 
-    def _finish(self, pool: WorkerPool, readings: List[Reading], records: Dict[str, DomainRecord]) -> None:
-        for reading in readings:
-            index = self.index[reading.guest.uuid]
-            entry, _ = self.work[index]
-            entry.pending = pool.submit(self.client.finish_sample, reading, records.get(reading.guest.uuid))
-            self.work[index] = (entry, entry.pending)
-
-
-def _count_finished(finished: "queue.SimpleQueue[Optional[_Batches]]", wait: Optional[float] = None) -> bool:
-    """Count the QEMU reads reported finished; ``False`` when nothing had finished.
-
-    :param wait: Seconds to wait for the first report; ``None`` takes only
-        what is there. A bulk call's report (``None``) wakes the wait too.
-    """
-    got = False
+def _woken(wake: "queue.SimpleQueue[None]", timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for a wake-up and take every one queued; ``False`` if none came."""
+    try:
+        wake.get(timeout=timeout)
+    except queue.Empty:
+        return False
     while True:
         try:
-            batch = finished.get(timeout=wait) if wait is not None and not got else finished.get_nowait()
+            wake.get_nowait()
         except queue.Empty:
-            return got
-        got = True
-        if batch is not None:
-            batch.reads_left -= 1
+            return True
 
 
 def _done(value: Dict[str, DomainRecord]) -> "concurrent.futures.Future[Dict[str, DomainRecord]]":
