@@ -32,7 +32,14 @@ from tests.unit.conftest import (
     scenario_names,
 )
 from virt_balloon_stats.client import DEFAULT_REFRESH_SECONDS, BalloonStats
-from virt_balloon_stats.collector import LOST_CONNECTION, RECONNECT_FIRST, Collector, Cycle
+from virt_balloon_stats.collector import (
+    BULK_MIN_CHUNK,
+    LOST_CONNECTION,
+    RECONNECT_FIRST,
+    Collector,
+    Cycle,
+    _chunk_sizes,
+)
 from virt_balloon_stats.errors import ConnectionFailed, DomainNotFound, InvalidArgument, QEMUUnresponsive
 from virt_balloon_stats.host import Host
 from virt_balloon_stats.qmp import POLLING_PROPERTY
@@ -469,7 +476,7 @@ BUSY_HOST = ["virtio-hog", "nostats", "nodriver", "noos", "paused"]
 
 @pytest.mark.parametrize("workers", [1, 3, len(BUSY_HOST)])
 def test_fewer_workers_than_domains_still_make_one_bulk_call_for_all(workers):
-    """More domains than workers (DEFAULT_WORKERS is 8: any busy host) still make one bulk call for all.
+    """More domains than workers (DEFAULT_WORKERS is 4: any busy host) still make one bulk call for all.
 
     Counted, not timed: the bulk call names every domain and no domain asks
     libvirt on its own. A reader that held its worker while waiting for the
@@ -484,6 +491,37 @@ def test_fewer_workers_than_domains_still_make_one_bulk_call_for_all(workers):
     assert sorted(d.name() for d in doms) == sorted(by_name(cycle))
     assert cycle.calls.get("state", 0) == 0, cycle.calls
     assert cycle.calls.get("memoryStats", 0) == 0, cycle.calls
+
+
+def test_bulk_calls_come_in_shrinking_chunks_that_cover_every_domain_once():
+    """30 domains, 3 bulk calls: later chunks are smaller, so the call sent after the last read is short."""
+    fixtures = []
+    for i in range(30):
+        fixture = load("virtio")
+        uuid = f"00000000-0000-4000-8000-{i:012d}"
+        fixture["domain"].update(name=f"vbs-tb-many-{i:02d}", uuid=uuid, id=100 + i)
+        fixtures.append(fixture)
+    w = World(fixtures, now=now_for(fixtures[0]))
+    for dom in w.domains:
+        _keep_interval(w, dom)
+    with _collector(w, workers=4, timeout=5.0) as collector:
+        collector.collect()
+        before = len(w.conn.calls_to("domainListGetStats"))
+        cycle = collector.collect()
+    assert set(by_name(cycle).values()) == {EXPECTED_STATUS["virtio"]}
+    sizes = [len(doms) for doms, _, _ in w.conn.calls_to("domainListGetStats")[before:]]
+    assert len(sizes) == 3 and sum(sizes) == 30, sizes
+    assert sizes[0] >= 12 and sizes[-1] <= 8, sizes
+    assert cycle.calls.get("memoryStats", 0) == 0 and cycle.calls.get("state", 0) == 0, cycle.calls
+
+
+@pytest.mark.parametrize(
+    "expected, calls, sizes",
+    [(30, 3, [12, 10]), (100, 3, [40, 33]), (30, 2, [17]), (30, 1, []), (10, 3, [6, 6]), (1, 3, [6, 6])],
+)
+def test_chunk_sizes_shrink_and_never_go_below_the_minimum(expected, calls, sizes):
+    assert _chunk_sizes(expected, calls) == sizes
+    assert all(size >= BULK_MIN_CHUNK for size in sizes)
 
 
 def test_domain_named_twice_is_read_once_and_never_unresponsive():

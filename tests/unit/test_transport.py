@@ -16,6 +16,7 @@ import pytest
 from tests.fakelibvirt import FakeDomain, libvirt_error
 from tests.unit.conftest import libvirt_error_record, load, recorded_error
 from virt_balloon_stats.errors import (
+    CommandNotAllowed,
     DomainNotRunning,
     LibvirtFailure,
     OperationDenied,
@@ -123,3 +124,24 @@ def test_client_sends_exactly_the_built_command_text():
     assert value == json.loads(reply)["return"]
     assert [json.loads(t) for t in seen] == [command]
     assert '"id"' not in seen[0]
+
+
+@pytest.mark.parametrize("refused", [True, 1.0, "1", -1, 2**32])
+def test_a_command_built_once_does_not_let_a_lookalike_through(refused):
+    """Built commands are kept, keyed by value and type: True == 1 == 1.0, but only the int is allowed."""
+    fixture = load("virtio")
+    path = fixture["balloon_path"]
+    sent = []
+
+    def monitor(dom, text, flags):
+        sent.append(json.loads(text))
+        return '{"return": {}}'
+
+    client = QMPClient(LibvirtQemuTransport(monitor))
+    for _ in range(2):
+        client.set_polling_interval(_guest(), path, 1)
+    arguments = {"path": path, "property": "guest-stats-polling-interval", "value": refused}
+    with pytest.raises(CommandNotAllowed):
+        client.execute(_guest(), "qom-set", arguments)
+    assert [c["arguments"]["value"] for c in sent] == [1, 1]
+    assert all(type(c["arguments"]["value"]) is int for c in sent)
