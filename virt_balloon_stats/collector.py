@@ -68,7 +68,14 @@ from virt_balloon_stats.errors import (
     DomainNotRunning,
     InvalidArgument,
 )
-from virt_balloon_stats.host import DomainRecord, Guest, HostEvent, default_uri, start_event_loop
+from virt_balloon_stats.host import (
+    DomainRecord,
+    EventLoopHold,
+    Guest,
+    HostEvent,
+    default_uri,
+    start_event_loop,
+)
 from virt_balloon_stats.pool import WorkerPool
 from virt_balloon_stats.sample import SOURCES, Sample, not_read, unanswered
 from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS, Status
@@ -427,25 +434,15 @@ class Collector:
         wake: "queue.SimpleQueue[None]" = queue.SimpleQueue()
         stuck = sum(1 for s in self._sessions for e in s.entries.values() if _busy(e))
         self._pool.reserve(stuck)
-        for session in self._sessions:
-            self._drain_events(session)
-            if not self._connect(session, problems):
-                hosts[session.uri] = self._down(session)
-                planned.append((session, [(e, self._unreachable(session, e)) for e in self._known(session)]))
-                continue
-            try:
-                bulk, work = self._plan(session, problems, wake)
-            except ConnectionFailed as err:
-                self._lose(session, str(err))
-                hosts[session.uri] = self._down(session)
-                planned.append((session, [(e, self._unreachable(session, e)) for e in self._known(session)]))
-                continue
-            hosts[session.uri] = HostState(session.uri, True)
-            planned.append((session, work))
-            if bulk is not None:
-                rounds.append((bulk, work))
-        # Everyone reads QEMU first; bulk calls then cover those that answered.
-        self._pipeline(rounds, wake, start, deadline, timeout, stuck)
+        # libvirt's event loop waits while this cycle's calls run (see
+        # EventLoopHold), until the reads stall or the bulk calls are back.
+        hold = EventLoopHold()
+        try:
+            # Everyone reads QEMU first; bulk calls then cover those that answered.
+            self._start(problems, hosts, planned, rounds, wake)
+            self._pipeline(rounds, wake, start, deadline, timeout, stuck, hold)
+        finally:
+            hold.release()
         futures = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
         concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
         samples: List[Sample] = []
@@ -498,6 +495,33 @@ class Collector:
         self._last = cycle
         return cycle
 
+    def _start(
+        self,
+        problems: List[Problem],
+        hosts: Dict[str, HostState],
+        planned: List[Tuple[_HostSession, List[_Work]]],
+        rounds: List[Tuple["_BulkRound", List[_Work]]],
+        wake: "queue.SimpleQueue[None]",
+    ) -> None:
+        """Connect each host as needed and start every domain's QEMU read (or settle it at once)."""
+        for session in self._sessions:
+            self._drain_events(session)
+            if not self._connect(session, problems):
+                hosts[session.uri] = self._down(session)
+                planned.append((session, [(e, self._unreachable(session, e)) for e in self._known(session)]))
+                continue
+            try:
+                bulk, work = self._plan(session, problems, wake)
+            except ConnectionFailed as err:
+                self._lose(session, str(err))
+                hosts[session.uri] = self._down(session)
+                planned.append((session, [(e, self._unreachable(session, e)) for e in self._known(session)]))
+                continue
+            hosts[session.uri] = HostState(session.uri, True)
+            planned.append((session, work))
+            if bulk is not None:
+                rounds.append((bulk, work))
+
     def _pipeline(
         self,
         rounds: "List[Tuple[_BulkRound, List[_Work]]]",
@@ -506,6 +530,7 @@ class Collector:
         deadline: float,
         timeout: float,
         stuck: int,
+        hold: EventLoopHold,
     ) -> None:
         """From QEMU reads to finished readings: bulk calls in chunks, as the reads come back.
 
@@ -527,7 +552,8 @@ class Collector:
         the domains waiting for a chunk to fill get their bulk call now, not at
         the cutoff, and the pool gets a spare thread per stuck read, so the
         domains queued behind it are read on time even when every worker is
-        held by a hung QEMU.
+        held by a hung QEMU. libvirt's event loop, held while the calls run,
+        is let go then too: ``hold`` lasts a healthy cycle, never a stuck one.
         """
         cutoff = deadline - _BULK_RESERVE * timeout
         slow = min(SLOW_READ, (cutoff - start) / 4)
@@ -541,6 +567,7 @@ class Collector:
                     bulk.close()
             if not hurried and (closed or now - start >= slow):
                 hurried = True
+                hold.release()
                 for bulk, _ in rounds:
                     bulk.hurry()
             for (bulk, work), index in zip(rounds, where):

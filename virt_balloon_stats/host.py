@@ -45,6 +45,7 @@ __all__ = [
     "DomainRecord",
     "HostEvent",
     "start_event_loop",
+    "EventLoopHold",
     "silence_libvirt_stderr",
 ]
 
@@ -126,6 +127,9 @@ _CLOSE_REASONS = {
 
 _event_loop_lock = threading.Lock()
 _event_loop_thread: Optional[threading.Thread] = None
+_event_loop_free = threading.Event()  # cleared while an EventLoopHold is held
+_event_loop_free.set()
+_event_loop_holds = 0
 
 
 def start_event_loop() -> None:
@@ -144,10 +148,51 @@ def start_event_loop() -> None:
 
         def loop() -> None:
             while True:
+                _event_loop_free.wait()
                 libvirt.virEventRunDefaultImpl()
 
         _event_loop_thread = threading.Thread(target=loop, name="libvirt-event-loop", daemon=True)
         _event_loop_thread.start()
+
+
+class EventLoopHold:
+    """Keeps the event loop of :func:`start_event_loop` waiting until released.
+
+    libvirt's RPC client does the I/O of each call in the calling thread,
+    but it switches its socket's watch off and on again around every call,
+    and each switch wakes the loop to re-read its handles: two wake-ups of
+    the loop thread per call. A collector making a few dozen calls a cycle
+    spent a fifth of its CPU on them (1.8 ms of 8.8 ms for 30 domains, and
+    4 % of the cycle's time, on the testbed). Held, the loop finishes the
+    iteration it is in and waits; what libvirt receives meanwhile (events,
+    the close of the connection) it queues, and delivers when the loop runs
+    again. Holds nest and may overlap; the loop waits while any is held.
+    Hold it only for a bounded time: the loop also serves keepalive.
+    """
+
+    def __init__(self) -> None:
+        global _event_loop_holds
+        with _event_loop_lock:
+            _event_loop_holds += 1
+            _event_loop_free.clear()
+        self._held = True
+
+    def release(self) -> None:
+        """Let the loop run again, unless another hold remains; a second release does nothing."""
+        global _event_loop_holds
+        with _event_loop_lock:
+            if not self._held:
+                return
+            self._held = False
+            _event_loop_holds -= 1
+            if not _event_loop_holds:
+                _event_loop_free.set()
+
+    def __enter__(self) -> "EventLoopHold":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def default_uri() -> str:

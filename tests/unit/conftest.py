@@ -16,8 +16,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
+import libvirt
 import pytest
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
@@ -25,7 +26,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from tests.fakelibvirt import FakeConnect, FakeDomain, RecordedTransport, error_from_record
 from virt_balloon_stats.client import BalloonStats
 from virt_balloon_stats.domxml import parse_balloon
-from virt_balloon_stats.host import Guest, Host
+from virt_balloon_stats.host import Guest, Host, start_event_loop
 from virt_balloon_stats.transport import QMPClient
 
 RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "recorded"
@@ -184,3 +185,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     total = sum(PROPERTY_CASES.values())
     if total:
         terminalreporter.write_line(f"property-based cases generated: {total}")
+
+
+@pytest.fixture
+def ticks() -> Iterator[List[float]]:
+    """libvirt's own event loop running (no daemon needed), with a 5 ms timer counting its turns."""
+    start_event_loop()
+    seen: List[float] = []
+    timer = libvirt.virEventAddTimeout(5, lambda _timer, _opaque: seen.append(time.monotonic()), None)
+    try:
+        assert wait_until(lambda: len(seen) > 3, within=5.0), "libvirt's event loop does not run"
+        yield seen
+    finally:
+        libvirt.virEventRemoveTimeout(timer)

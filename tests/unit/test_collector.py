@@ -22,7 +22,6 @@ import pytest
 
 from tests.fakelibvirt import FakeDomain, connection_lost_error, libvirt_error
 from tests.unit.conftest import (
-    wait_until,
     EXPECTED_STATUS,
     URI,
     World,
@@ -30,6 +29,7 @@ from tests.unit.conftest import (
     load,
     now_for,
     scenario_names,
+    wait_until,
 )
 from virt_balloon_stats.client import DEFAULT_REFRESH_SECONDS, BalloonStats
 from virt_balloon_stats.collector import (
@@ -409,6 +409,26 @@ def test_hung_domain_is_left_out_of_the_bulk_call(hung):
     assert sorted(d.name() for d in doms) == sorted(_name(f) for f in w.fixtures if f["scenario"] != HUNG)
     assert flags & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
     assert stats == libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_BALLOON
+
+
+def test_libvirts_event_loop_waits_for_a_cycles_calls_but_not_for_a_stuck_read(hung, ticks):
+    """Held while the calls run (see EventLoopHold), let go once reads stall, and after every cycle."""
+    w, dom, collector, _release = hung
+    cycle: List[Cycle] = []
+    reader = threading.Thread(target=lambda: cycle.append(collector.collect(timeout=3.0)))
+    reader.start()
+    try:
+        # A 3 s deadline: reads count as stalled after 0.5 s; the rounds close at 2.4 s.
+        time.sleep(0.9)
+        during = len(ticks)
+        time.sleep(0.5)
+        assert not cycle, "the cycle ended before the stuck read's deadline"
+        assert len(ticks) > during + 10, "the event loop was held for a stuck read"
+    finally:
+        reader.join(10)
+    assert by_name(cycle[0])[dom.name()] == "unresponsive"
+    after = len(ticks)
+    assert wait_until(lambda: len(ticks) > after + 10, within=5.0), "a cycle left the event loop held"
 
 
 def test_hung_domain_is_not_asked_again_while_its_call_is_outstanding(hung):

@@ -9,6 +9,7 @@ those are built inline with libvirt's own message text.
 from __future__ import annotations
 
 import threading
+import time
 
 import libvirt
 import pytest
@@ -21,6 +22,7 @@ from tests.unit.conftest import (
     libvirt_errors,
     load,
     recorded_error,
+    wait_until,
 )
 from virt_balloon_stats.errors import (
     BalloonStatsError,
@@ -33,7 +35,14 @@ from virt_balloon_stats.errors import (
     OperationTimedOut,
     UnsupportedHypervisor,
 )
-from virt_balloon_stats.host import Guest, Host, RPCCounter, libvirt_call, translate_error
+from virt_balloon_stats.host import (
+    EventLoopHold,
+    Guest,
+    Host,
+    RPCCounter,
+    libvirt_call,
+    translate_error,
+)
 
 # Recorded case -> the package's exception, and a word its hint must contain.
 RECORDED_TRANSLATIONS = {
@@ -403,3 +412,26 @@ def test_close_gives_back_event_registrations_before_closing():
     names = [name for name, _ in conn.calls]
     assert names.count("unregisterCloseCallback") == 1
     assert names.index("unregisterCloseCallback") < names.index("close") and conn.closed
+
+
+# -- holding libvirt's event loop ----------------------------------------------------------------
+
+
+def test_a_held_event_loop_waits_until_every_hold_is_released(ticks):
+    first, second = EventLoopHold(), EventLoopHold()
+    time.sleep(0.05)  # the turn it was in ends
+    held = len(ticks)
+    time.sleep(0.2)
+    assert len(ticks) <= held + 1
+    first.release()
+    first.release()  # a second release does nothing: the other hold still counts
+    time.sleep(0.2)
+    assert len(ticks) <= held + 1
+    second.release()
+    assert wait_until(lambda: len(ticks) > held + 5, within=5.0)
+    with EventLoopHold():
+        time.sleep(0.05)
+        held = len(ticks)
+        time.sleep(0.1)
+        assert len(ticks) <= held + 1
+    assert wait_until(lambda: len(ticks) > held + 5, within=5.0)
