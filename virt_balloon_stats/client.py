@@ -60,9 +60,12 @@ GuestRef = Union[Guest, str]
 #: How many times to re-read both sides when the guest answered in between.
 CROSSCHECK_ATTEMPTS = 3
 
-#: Worker threads for :meth:`BalloonStats.sample_many`: QMP calls to different
-#: domains run in parallel inside libvirtd; more threads than this only queue.
-DEFAULT_WORKERS = 4
+#: Worker threads of a collector (and :meth:`BalloonStats.sample_many`): QMP
+#: calls to different domains run in parallel inside libvirtd, which serves 5
+#: requests per client at once and queues the rest, so a request is ready the
+#: moment one ends. On the testbed (2 cores, 30 domains) 8 threads made a
+#: steady cycle 2 to 3 % faster than 4, and 3 slower than 4 by 5 %.
+DEFAULT_WORKERS = 8
 
 #: Seconds a one-shot reading waits for a domain before calling it unresponsive.
 DEFAULT_TIMEOUT = 10.0

@@ -261,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument("--domains", type=int, default=30, help="N: domains in all, two of them guests (30)")
-    parser.add_argument("--runs", type=int, default=9, help="repetitions of each timed measurement (9)")
+    parser.add_argument("--runs", type=int, default=15, help="repetitions of each timed measurement (15)")
     parser.add_argument("--exporter-seconds", type=float, default=60.0, help="length of B6 (60)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

@@ -496,7 +496,7 @@ BUSY_HOST = ["virtio-hog", "nostats", "nodriver", "noos", "paused"]
 
 @pytest.mark.parametrize("workers", [1, 3, len(BUSY_HOST)])
 def test_fewer_workers_than_domains_still_make_one_bulk_call_for_all(workers):
-    """More domains than workers (DEFAULT_WORKERS is 4: any busy host) still make one bulk call for all.
+    """More domains than workers (DEFAULT_WORKERS is 8: any busy host) still make one bulk call for all.
 
     Counted, not timed: the bulk call names every domain and no domain asks
     libvirt on its own. A reader that held its worker while waiting for the
