@@ -898,12 +898,12 @@ class _BulkRound:
         self._waiting: List[Reading] = []
         self._calls: Dict["concurrent.futures.Future[Dict[str, DomainRecord]]", List[Reading]] = {}
 
-    # -- in the workers --------------------------------------------------------
-
     def track(self, read: "concurrent.futures.Future[Union[Reading, Sample]]") -> None:
         """Follow one domain's QEMU read (the first half of its reading); one per ``expected``."""
         self._reads.append(read)
         read.add_done_callback(self._read_done)
+
+    # -- in the workers --------------------------------------------------------
 
     def join(self, reading: Reading) -> bool:
         """Add a reading whose QEMU answered; ``False`` when the round has closed."""
