@@ -178,11 +178,6 @@ class Cycle:
         counts = collections.Counter(s.status.value for s in self.samples)
         return {status.value: counts.get(status.value, 0) for status in Status}
 
-    @property
-    def outstanding(self) -> int:
-        """Domains with a call still pending at the end of the cycle."""
-        return sum(1 for s in self.samples if s.status is Status.UNRESPONSIVE)
-
 
 @dataclasses.dataclass
 class Totals:

@@ -20,6 +20,8 @@ from typing import Callable, Iterator, List, Optional
 import libvirt
 import pytest
 
+from tests.ci import unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 TESTBED = ROOT / "contrib" / "testbed" / "vbs-testbed"
 PREFIX = "vbs-tb-"
@@ -28,9 +30,7 @@ TCP_URI = "qemu+tcp://127.0.0.1/system"
 
 
 def _unreachable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"testbed unreachable under CI: {reason}", pytrace=False)
-    pytest.skip(f"testbed unreachable ({reason}); run: sudo {TESTBED} setup && sudo {TESTBED} up --tcp")
+    unavailable(f"testbed unreachable ({reason}); run: sudo {TESTBED} setup && sudo {TESTBED} up --tcp")
 
 
 def testbed(*args: str, timeout: float = 180) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import re
 import shutil
 import signal
@@ -37,6 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
+from tests.ci import unavailable
 from tests.integration.conftest import ROOT, URI, Connection, Domains, wait_for
 
 PROMETHEUS_DIR = ROOT / "contrib" / "prometheus"
@@ -65,18 +65,11 @@ _TEMPLATE_LABEL = re.compile(r"\$labels\.(\w+)")
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def tool(name: str) -> str:
     """The path of ``prometheus`` or ``promtool``: fail under CI, else skip, when missing."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found; install it: apt-get install prometheus"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable(f"{name} not found; install it: apt-get install prometheus")
     return path
 
 
@@ -405,9 +398,14 @@ def known_labels(stack: Stack) -> Set[str]:
     return set(doc["data"])
 
 
-def test_rules_load_and_evaluate_without_error(stack: Stack) -> None:
+def loaded_rules(stack: Stack, kind: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The rules Prometheus loaded, in file order; only ``recording`` or ``alerting`` ones with ``kind``."""
     groups = stack.api("rules")["data"]["groups"]
-    rules = [rule for group in groups for rule in group["rules"]]
+    return [r for g in groups for r in g["rules"] if kind is None or r["type"] == kind]
+
+
+def test_rules_load_and_evaluate_without_error(stack: Stack) -> None:
+    rules = loaded_rules(stack)
     assert [r["name"] for r in rules if r["type"] == "recording"] == rule_names("record")
     assert [r["name"] for r in rules if r["type"] == "alerting"] == rule_names("alert")
     for rule in rules:
@@ -416,36 +414,30 @@ def test_rules_load_and_evaluate_without_error(stack: Stack) -> None:
 
 def test_recording_rules_query_real_metrics(stack: Stack) -> None:
     labels = known_labels(stack)
-    for group in stack.api("rules")["data"]["groups"]:
-        for rule in group["rules"]:
-            if rule["type"] != "recording":
-                continue
-            where = f"record {rule['name']}"
-            assert stack.query(rule["query"]), f"{where}: {rule['query']} returns nothing on a healthy guest"
-            assert stack.count(rule["name"]) > 0, f"{where}: nothing recorded"
-            assert_names_exist(stack, rule["query"], where, labels)
+    for rule in loaded_rules(stack, "recording"):
+        where = f"record {rule['name']}"
+        assert stack.query(rule["query"]), f"{where}: {rule['query']} returns nothing on a healthy guest"
+        assert stack.count(rule["name"]) > 0, f"{where}: nothing recorded"
+        assert_names_exist(stack, rule["query"], where, labels)
 
 
 def test_alert_rules_query_real_metrics(stack: Stack) -> None:
     labels = known_labels(stack)
-    for group in stack.api("rules")["data"]["groups"]:
-        for rule in group["rules"]:
-            if rule["type"] != "alerting":
-                continue
-            where = f"alert {rule['name']}"
-            stack.query(rule["query"])  # parses
-            assert_names_exist(stack, rule["query"], where, labels)
-            assert rule["labels"].get("severity") in ("critical", "warning"), where
-            templated = set()
-            for key in ("summary", "description"):
-                assert rule["annotations"].get(key), f"{where}: no {key}"
-                templated.update(_TEMPLATE_LABEL.findall(rule["annotations"][key]))
-            assert templated <= labels, f"{where}: annotations use missing label(s) {templated - labels}"
-            carried = set()
-            for _, selector in selectors(rule["query"]):
-                carried.update(label for series in stack.query(selector) for label in series["metric"])
-            missing = ({"instance", "uri", "domain"} & carried) - templated
-            assert not missing, f"{where}: annotations do not say which {sorted(missing)}"
+    for rule in loaded_rules(stack, "alerting"):
+        where = f"alert {rule['name']}"
+        stack.query(rule["query"])  # parses
+        assert_names_exist(stack, rule["query"], where, labels)
+        assert rule["labels"].get("severity") in ("critical", "warning"), where
+        templated = set()
+        for key in ("summary", "description"):
+            assert rule["annotations"].get(key), f"{where}: no {key}"
+            templated.update(_TEMPLATE_LABEL.findall(rule["annotations"][key]))
+        assert templated <= labels, f"{where}: annotations use missing label(s) {templated - labels}"
+        carried = set()
+        for _, selector in selectors(rule["query"]):
+            carried.update(label for series in stack.query(selector) for label in series["metric"])
+        missing = ({"instance", "uri", "domain"} & carried) - templated
+        assert not missing, f"{where}: annotations do not say which {sorted(missing)}"
 
 
 def test_dashboard_queries_real_metrics(stack: Stack) -> None:

@@ -11,7 +11,6 @@ import collections
 import copy
 import functools
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from tests.ci import unavailable
 from tests.fakelibvirt import FakeConnect, FakeDomain, RecordedTransport, error_from_record
 from virt_balloon_stats.client import BalloonStats
 from virt_balloon_stats.domxml import parse_balloon
@@ -133,9 +133,7 @@ def world(name: str, **kwargs: Any) -> World:
 
 def missing(what: str) -> None:
     """A tool a test needs is absent: fail under ``CI=true`` (contrib/run-tests installs it), else skip."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{what} is missing; contrib/run-tests installs it", pytrace=False)
-    pytest.skip(f"{what} is missing")
+    unavailable(f"{what} is missing; contrib/run-tests installs it")
 
 
 def wait_until(predicate: Callable[[], object], within: float = 10.0) -> bool:
