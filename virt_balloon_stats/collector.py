@@ -76,7 +76,9 @@ from virt_balloon_stats.host import (
     default_uri,
     start_event_loop,
 )
+from virt_balloon_stats.lanes import LaneStats
 from virt_balloon_stats.pool import WorkerPool
+from virt_balloon_stats.rounds import BULK_CHUNKS, BULK_RESERVE, BulkCalls, BulkRound, woken
 from virt_balloon_stats.sample import SOURCES, Sample, not_read, unanswered
 from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS, Status
 
@@ -106,14 +108,6 @@ LOST_CONNECTION = "lost the libvirt connection; reconnecting"
 #: Seconds early a reconnect attempt may start, to match the cycle schedule.
 _RETRY_SLACK = 0.25
 
-#: A cycle's bulk calls per host, at most (and no more than ``workers``): each
-#: covers a share of the domains, so libvirt's work, serial inside one call,
-#: runs in parallel across calls and overlaps the QMP reads.
-BULK_CHUNKS = 3
-
-#: No bulk call for fewer domains than this, unless they are all there are.
-BULK_MIN_CHUNK = 6
-
 #: Seconds after which a QEMU read still running is taken for stuck (a read takes milliseconds).
 SLOW_READ = 0.5
 
@@ -133,12 +127,16 @@ class HostState:
     :ivar up: Whether the connection answered this cycle.
     :ivar message: Why it is down (empty when up).
     :ivar retry_in: Seconds until the next reconnect attempt, when down.
+    :ivar lanes: The connection's calls in flight, stuck (past the cycle's
+        deadline) and lanes open at the end of the cycle (see
+        :mod:`virt_balloon_stats.lanes`); ``None`` when down.
     """
 
     uri: str
     up: bool
     message: str = ""
     retry_in: Optional[float] = None
+    lanes: Optional[LaneStats] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,10 +221,8 @@ class _HostSession:
         self.lost = ""
         self.seen: Dict[str, int] = {}  # the RPC counter at the end of the last cycle
         self.order: List[str] = []  # UUIDs in the order samples are reported
-        # The bulk call runs apart from the domain readers, which wait for it.
-        self.bulk_calls = bulk_calls  # bulk calls in flight at once, at most
-        self.bulk_pool = WorkerPool(bulk_calls, bulk_calls, name="vbs-bulk")
-        self.bulk_pending: "List[concurrent.futures.Future[Dict[str, DomainRecord]]]" = []
+        # The bulk calls run apart from the domain readers, which wait for them.
+        self.bulk = BulkCalls(bulk_calls)
 
 
 class Collector:
@@ -405,7 +401,7 @@ class Collector:
     def _shutdown_pools(self) -> None:
         self._pool.shutdown()
         for session in self._sessions:
-            session.bulk_pool.shutdown()
+            session.bulk.shutdown()
 
     # -- one cycle -------------------------------------------------------------
 
@@ -424,7 +420,7 @@ class Collector:
         hosts: Dict[str, HostState] = {}
         problems: List[Problem] = []
         planned: List[Tuple[_HostSession, List[_Work]]] = []
-        rounds: List[Tuple[_BulkRound, List[_Work]]] = []
+        rounds: List[Tuple[BulkRound, List[_Work]]] = []
         # Bulk calls and the last QEMU read of each host wake the pipeline.
         wake: "queue.SimpleQueue[None]" = queue.SimpleQueue()
         stuck = sum(1 for s in self._sessions for e in s.entries.values() if _busy(e))
@@ -460,6 +456,11 @@ class Collector:
                 self._lose(session, "a call failed on a lost connection")
                 hosts[session.uri] = self._down(session)
                 samples = [self._lost(s) if s.uri == session.uri else s for s in samples]
+        for session in self._sessions:
+            host = hosts.get(session.uri)
+            lanes = session.client.host.lanes if session.client is not None else None
+            if host is not None and host.up and lanes is not None:
+                hosts[session.uri] = dataclasses.replace(host, lanes=lanes.stats(stuck_after=timeout))
         for problem in problems:
             by_uri[problem.uri][type(problem.error).__name__] += 1
         errors: "collections.Counter[str]" = collections.Counter()
@@ -495,7 +496,7 @@ class Collector:
         problems: List[Problem],
         hosts: Dict[str, HostState],
         planned: List[Tuple[_HostSession, List[_Work]]],
-        rounds: List[Tuple["_BulkRound", List[_Work]]],
+        rounds: List[Tuple[BulkRound, List[_Work]]],
         wake: "queue.SimpleQueue[None]",
     ) -> None:
         """Connect each host as needed and start every domain's QEMU read (or settle it at once)."""
@@ -519,7 +520,7 @@ class Collector:
 
     def _pipeline(
         self,
-        rounds: "List[Tuple[_BulkRound, List[_Work]]]",
+        rounds: "List[Tuple[BulkRound, List[_Work]]]",
         wake: "queue.SimpleQueue[None]",
         start: float,
         deadline: float,
@@ -536,7 +537,7 @@ class Collector:
         thread has its domains finished in the workers. So libvirt's serial
         bulk work overlaps the QMP reads instead of following them, and this
         thread wakes a few times a cycle, not once per domain. At the cutoff
-        (:data:`_BULK_RESERVE` of the deadline before it) the rounds close; a
+        (:data:`BULK_RESERVE` of the deadline before it) the rounds close; a
         read still running then is left to finish alone. Halfway from the
         cutoff to the deadline, the domains of a bulk call still out ask
         libvirt on their own: a QEMU that stopped between its QMP read and the
@@ -550,7 +551,7 @@ class Collector:
         held by a hung QEMU. libvirt's event loop, held while the calls run,
         is let go then too: ``hold`` lasts a healthy cycle, never a stuck one.
         """
-        cutoff = deadline - _BULK_RESERVE * timeout
+        cutoff = deadline - BULK_RESERVE * timeout
         slow = min(SLOW_READ, (cutoff - start) / 4)
         where = [{entry.guest.uuid: i for i, (entry, _) in enumerate(work)} for _, work in rounds]
         closed = hurried = False
@@ -578,8 +579,7 @@ class Collector:
             until = cutoff if not closed else (cutoff + deadline) / 2
             if now >= until:
                 break
-            woken = _woken(wake, max(0.0, min(until - now, slow)))
-            if not woken and time.monotonic() - start >= slow:
+            if not woken(wake, max(0.0, min(until - now, slow))) and time.monotonic() - start >= slow:
                 self._pool.reserve(stuck + sum(bulk.reads_running() for bulk, _ in rounds))
         # Bulk calls still out: their domains ask libvirt on their own.
         for (bulk, work), index in zip(rounds, where):
@@ -587,7 +587,7 @@ class Collector:
 
     def _finish(
         self,
-        bulk: "_BulkRound",
+        bulk: BulkRound,
         work: List[_Work],
         index: Dict[str, int],
         readings: List[Reading],
@@ -598,7 +598,8 @@ class Collector:
             i = index[reading.guest.uuid]
             entry, _ = work[i]
             record = records.get(reading.guest.uuid)
-            entry.pending = self._pool.submit(bulk.client.finish_sample, reading, record)
+            client = bulk.client
+            entry.pending = self._pool.submit(client.host.leased, client.finish_sample, reading, record)
             work[i] = (entry, entry.pending)
 
     # -- connection ----------------------------------------------------------
@@ -694,7 +695,7 @@ class Collector:
 
     def _plan(
         self, session: _HostSession, problems: List[Problem], wake: "queue.SimpleQueue[None]"
-    ) -> Tuple[Optional["_BulkRound"], List[_Work]]:
+    ) -> Tuple[Optional[BulkRound], List[_Work]]:
         """List the domains if needed and start each domain's reading of QEMU."""
         client = session.client
         assert client is not None
@@ -705,13 +706,13 @@ class Collector:
         # Decided once: a call still out may come back while this loop runs.
         entries = [(session.entries[k], _busy(session.entries[k])) for k in self._order(session)]
         free = sum(1 for _, busy in entries if not busy)
-        bulk = _BulkRound(session, free, self.source != "qmp", wake) if free else None
+        bulk = BulkRound(client, session.bulk, free, self.source != "qmp", wake) if free else None
         work: List[_Work] = []
         for entry, busy in entries:
             if busy or bulk is None:
                 work.append((entry, self._unresponsive(session, entry)))
                 continue
-            entry.pending = self._pool.submit(self._begin, client, entry, bulk)
+            entry.pending = self._pool.submit(client.host.leased, self._begin, client, entry, bulk)
             entry.pending_since = time.monotonic()
             bulk.track(entry.pending)
             work.append((entry, entry.pending))
@@ -740,13 +741,15 @@ class Collector:
             same = old is not None and old.guest.cache_key == guest.cache_key
             fresh[guest.uuid] = old if old is not None and same else _Entry(guest)
         session.entries = fresh
+        if client.host.lanes is not None:
+            client.host.lanes.retain(g.cache_key for g in guests)
         # A domain named twice (by name and by UUID, say) is read once.
         session.order = list(dict.fromkeys(g.uuid for g in guests))
 
     def _order(self, session: _HostSession) -> List[str]:
         return [k for k in session.order if k in session.entries]
 
-    def _begin(self, client: BalloonStats, entry: _Entry, bulk: "_BulkRound") -> Union[Reading, Sample]:
+    def _begin(self, client: BalloonStats, entry: _Entry, bulk: BulkRound) -> Union[Reading, Sample]:
         """In a worker: read QEMU; join the bulk call, or finish alone when it has gone."""
         reading = client.begin_sample(entry.guest, self.source, memo=entry.memo)
         if reading.error is None and bulk.join(reading):
@@ -846,189 +849,6 @@ class Collector:
             self._warn("%s: %s", sample.domain, sample.message)
         elif before == Status.UNRESPONSIVE.value:
             self._warn("%s: QEMU answers again", sample.domain)
-
-
-#: Share of the deadline kept for the bulk call and the second half of each reading.
-_BULK_RESERVE = 0.2
-
-
-class _BulkRound:
-    """One host's bulk calls in one cycle, shared by the workers and the collector's thread.
-
-    Each domain's reading reads QEMU first, in a worker, then joins the round.
-    The worker whose read completes a chunk (a share of the domains,
-    :data:`BULK_CHUNKS`; the last chunk when every read is back) sends that
-    chunk's ``virDomainListGetStats`` call with ``NOWAIT`` itself, for the
-    state and balloon figures of the domains in it, while the other reads go
-    on. The collector's thread is woken only when a call returns, to finish
-    its domains, and by its own timers: once reads stall it has every
-    reading that joins sent at once (:meth:`hurry`), and at the cutoff it
-    closes the round (:meth:`close`).
-
-    A domain whose QEMU hangs never joins, so it is never part of a call:
-    with a hung QEMU whose job is free, a bulk call that included it would
-    block until QEMU moved again. A reading that comes back after the round
-    closed finishes on its own. (Bulk calls sent alongside the QMP reads, as
-    the bare floor does, were tried: with ``NOWAIT`` they skip the domains
-    whose jobs the reads hold, and without it a QEMU stopped at the wrong
-    moment left a healthy domain's calls blocked too, seen on the testbed.)
-    """
-
-    def __init__(
-        self, session: _HostSession, expected: int, balloon: bool, wake: "queue.SimpleQueue[None]"
-    ) -> None:
-        client = session.client
-        assert client is not None
-        self._session = session
-        self.client = client
-        self._balloon = balloon
-        self._wake = wake
-        self._lock = threading.Lock()
-        self._open = True
-        self._hurry = False
-        self._reads: "List[concurrent.futures.Future[Union[Reading, Sample]]]" = []
-        self._reads_left = expected
-        self._expected = expected
-        self._chunks = _chunk_sizes(expected, session.bulk_calls)  # the last call takes whatever is left
-        self._waiting: List[Reading] = []
-        self._calls: Dict["concurrent.futures.Future[Dict[str, DomainRecord]]", List[Reading]] = {}
-
-    def track(self, read: "concurrent.futures.Future[Union[Reading, Sample]]") -> None:
-        """Follow one domain's QEMU read (the first half of its reading); one per ``expected``."""
-        self._reads.append(read)
-        read.add_done_callback(self._read_done)
-
-    # -- in the workers --------------------------------------------------------
-
-    def join(self, reading: Reading) -> bool:
-        """Add a reading whose QEMU answered; ``False`` when the round has closed."""
-        with self._lock:
-            if self._open:
-                self._waiting.append(reading)
-            return self._open
-
-    def _read_done(self, _read: object) -> None:
-        with self._lock:
-            self._reads_left -= 1
-            self._send_locked(force=self._hurry)
-            last = not self._reads_left
-        if last:
-            self._wake.put(None)
-
-    # -- in the collector's thread ------------------------------------------------
-
-    def hurry(self) -> None:
-        """Reads are stalling: what has joined goes now, and so does each later join."""
-        with self._lock:
-            self._hurry = True
-            self._send_locked(force=True)
-
-    def close(self) -> None:
-        """The cutoff: no more joins; what has joined goes now."""
-        with self._lock:
-            self._open = False
-            self._send_locked(force=True)
-
-    def returned(self) -> List[Tuple[List[Reading], Dict[str, DomainRecord]]]:
-        """The readings of each bulk call that has returned, with its records."""
-        with self._lock:
-            done = [f for f in self._calls if f.done()]
-            returned = [(self._calls.pop(f), f) for f in done]
-        return [(readings, self._records(call)) for readings, call in returned]
-
-    def abandon(self) -> List[Reading]:
-        """Close the round and give up on the calls still out: their readings, and any waiting."""
-        with self._lock:
-            self._open = False
-            if self._calls:
-                LOG.info("%s: a bulk stats call did not return in time", self._session.uri)
-            leftover = [r for readings in self._calls.values() for r in readings] + self._waiting
-            self._calls, self._waiting = {}, []
-            return leftover
-
-    @property
-    def calls_out(self) -> int:
-        with self._lock:
-            return len(self._calls)
-
-    def settled(self) -> bool:
-        """Every read back, every joined reading sent, every call returned and taken."""
-        with self._lock:
-            return not self._reads_left and not self._waiting and not self._calls
-
-    def reads_running(self) -> int:
-        """QEMU reads running now (not queued for a worker)."""
-        return sum(1 for f in self._reads if f.running())
-
-    # -- either ------------------------------------------------------------------------
-
-    def _send_locked(self, *, force: bool) -> None:
-        """Send the waiting readings' bulk call once a chunk is ready (or every read is back)."""
-        if not self._waiting:
-            return
-        chunk = self._chunks[0] if self._chunks else self._expected
-        if not force and len(self._waiting) < chunk and self._reads_left:
-            return
-        readings, self._waiting = self._waiting, []
-        self._chunks = self._chunks[1:]
-        # None: libvirtd has not answered earlier bulk calls; ask per domain instead.
-        call = self._call([r.guest for r in readings]) or _done({})
-        self._calls[call] = readings
-        # Registered, then watched: the collector's thread finds it when woken.
-        call.add_done_callback(lambda _call: self._wake.put(None))
-
-    def _call(self, guests: List[Guest]) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
-        session = self._session
-        pending = [f for f in session.bulk_pending if not f.done()]
-        if len(pending) >= session.bulk_calls:
-            return None
-        client, balloon = self.client, self._balloon
-        future = session.bulk_pool.submit(lambda: client.host.domain_records(guests, balloon=balloon))
-        session.bulk_pending = pending + [future]
-        return future
-
-    def _records(
-        self, future: "concurrent.futures.Future[Dict[str, DomainRecord]]"
-    ) -> Dict[str, DomainRecord]:
-        try:
-            return future.result()
-        except BalloonStatsError as err:
-            # Each domain then asks on its own (and a lost connection shows there).
-            LOG.debug("%s: bulk stats failed: %s", self._session.uri, err)
-            return {}
-
-
-def _chunk_sizes(expected: int, calls: int) -> List[int]:
-    """The sizes of a round's chunks but the last, which takes whatever is left.
-
-    Each chunk is smaller than the one before (6:5:4 for three calls). A
-    chunk's bulk call starts once its domains have read QEMU and runs while
-    the later reads go on; the later a chunk starts, the less time is left,
-    so later chunks are smaller and the calls end about together. On the
-    testbed, 30 domains in chunks of 12, 10 and 8 took 3 to 4 % less than in
-    three chunks of 10. No chunk is smaller than :data:`BULK_MIN_CHUNK`.
-    """
-    weights = [2 * calls - i for i in range(calls)]
-    return [max(BULK_MIN_CHUNK, round(expected * w / sum(weights))) for w in weights[:-1]]
-
-
-def _woken(wake: "queue.SimpleQueue[None]", timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for a wake-up and take every one queued; ``False`` if none came."""
-    try:
-        wake.get(timeout=timeout)
-    except queue.Empty:
-        return False
-    while True:
-        try:
-            wake.get_nowait()
-        except queue.Empty:
-            return True
-
-
-def _done(value: Dict[str, DomainRecord]) -> "concurrent.futures.Future[Dict[str, DomainRecord]]":
-    future: "concurrent.futures.Future[Dict[str, DomainRecord]]" = concurrent.futures.Future()
-    future.set_result(value)
-    return future
 
 
 def _busy(entry: _Entry) -> bool:

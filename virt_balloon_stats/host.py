@@ -33,6 +33,7 @@ from virt_balloon_stats.errors import (
     OperationTimedOut,
     UnsupportedHypervisor,
 )
+from virt_balloon_stats.lanes import Lanes
 
 __all__ = [
     "DEFAULT_URI",
@@ -312,13 +313,19 @@ class Guest:
     every per-domain cache, so a domain restarted under the same name (new
     id, new QEMU, maybe a new QOM path) is never served stale data.
 
+    Calls go to the lane the calling thread has leased from ``lanes``, if
+    any (see :mod:`virt_balloon_stats.lanes`), else to the connection the
+    domain was found on.
+
     :param domain: A ``libvirt.virDomain``.
     :param counter: The owning connection's RPC counter.
+    :param lanes: The owning connection's lanes, if it has any.
     """
 
-    def __init__(self, domain: Any, counter: RPCCounter) -> None:
-        self.domain = domain
+    def __init__(self, domain: Any, counter: RPCCounter, lanes: Optional[Lanes] = None) -> None:
+        self._domain = domain
         self.counter = counter
+        self._lanes = lanes
         self.name: str = domain.name()
         self.uuid: str = domain.UUIDString()
         raw_id = domain.ID()
@@ -331,6 +338,19 @@ class Guest:
     def cache_key(self) -> tuple[str, Optional[int]]:
         """``(uuid, id)``: changes whenever the domain is restarted."""
         return (self.uuid, self.id)
+
+    @property
+    def domain(self) -> Any:
+        """The ``virDomain`` to call: on the calling thread's lane, else the one this Guest was made with."""
+        lane = self._lanes.current() if self._lanes is not None else None
+        if lane is None:
+            return self._domain
+        return lane.domain(self.cache_key, self._look_up)
+
+    def _look_up(self, conn: Any) -> Any:
+        """This domain on another connection to the same libvirtd (a lane's first call to it)."""
+        with self._call("lookupByUUIDString"):
+            return conn.lookupByUUIDString(self.uuid)
 
     def _call(self, call: str) -> contextlib.AbstractContextManager[None]:
         return libvirt_call(self.counter, call, self.name)
@@ -370,14 +390,50 @@ class Host:
     """One libvirt connection: domain look-up and bulk statistics.
 
     Thread-safe as libvirt connections are; holds no state but the
-    connection, its URI and its :class:`RPCCounter`.
+    connection, its URI, its :class:`RPCCounter` and, when it can open more
+    connections to the same URI (``reopen``), its
+    :class:`~virt_balloon_stats.lanes.Lanes`: the calls of a thread that
+    leased a lane go there (see :mod:`virt_balloon_stats.lanes`).
+
+    :param reopen: Opens another connection to ``uri``, the same way.
     """
 
-    def __init__(self, conn: Any, uri: str, counter: Optional[RPCCounter] = None) -> None:
+    def __init__(
+        self,
+        conn: Any,
+        uri: str,
+        counter: Optional[RPCCounter] = None,
+        *,
+        reopen: Optional[Callable[[], Any]] = None,
+    ) -> None:
         self.conn = conn
         self.uri = uri
         self.counter = counter or RPCCounter()
         self._callbacks: List[int] = []  # domain event registrations, undone by close()
+        self._reopen = reopen
+        self.lanes: Optional[Lanes] = None if reopen is None else Lanes(self._open_lane, _close_quietly)
+
+    def _open_lane(self) -> Any:
+        """One more connection, for a lane.
+
+        :raise ConnectionFailed: When libvirt cannot connect.
+        """
+        assert self._reopen is not None
+        try:
+            with libvirt_call(self.counter, "open"):
+                return self._reopen()
+        except LibvirtFailure as err:
+            raise ConnectionFailed(
+                f"cannot open another connection ({err.libvirt_message})",
+                code=err.code,
+                libvirt_message=err.libvirt_message,
+            ) from err
+
+    def leased(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with its calls in a lane of their own (on this connection if it has no lanes)."""
+        if self.lanes is None:
+            return fn(*args)
+        return self.lanes.run(fn, *args)
 
     @classmethod
     def open(cls, uri: Optional[str] = None, *, readonly: bool = False) -> "Host":
@@ -412,8 +468,9 @@ class Host:
             with contextlib.suppress(libvirt.libvirtError):
                 self.conn.unregisterCloseCallback()
         self._callbacks = []
-        with contextlib.suppress(libvirt.libvirtError):
-            self.conn.close()
+        if self.lanes is not None:
+            self.lanes.close()
+        _close_quietly(self.conn)
 
     def alive(self) -> bool:
         """Whether the connection still answers (one cheap round trip)."""
@@ -441,23 +498,23 @@ class Host:
         if re.fullmatch(r"[0-9]+", spec):
             try:
                 with libvirt_call(self.counter, "lookupByID", spec):
-                    return Guest(self.conn.lookupByID(int(spec)), self.counter)
+                    return Guest(self.conn.lookupByID(int(spec)), self.counter, self.lanes)
             except DomainNotFound:
                 pass
         if _is_uuid(spec):
             try:
                 with libvirt_call(self.counter, "lookupByUUIDString", spec):
-                    return Guest(self.conn.lookupByUUIDString(spec), self.counter)
+                    return Guest(self.conn.lookupByUUIDString(spec), self.counter, self.lanes)
             except DomainNotFound:
                 pass
         with libvirt_call(self.counter, "lookupByName", spec):
-            return Guest(self.conn.lookupByName(spec), self.counter)
+            return Guest(self.conn.lookupByName(spec), self.counter, self.lanes)
 
     def running_guests(self) -> List[Guest]:
         """Return every active domain (running or paused), sorted by name."""
         with libvirt_call(self.counter, "listAllDomains"):
             domains = self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        return sorted((Guest(d, self.counter) for d in domains), key=lambda g: g.name)
+        return sorted((Guest(d, self.counter, self.lanes) for d in domains), key=lambda g: g.name)
 
     def domain_records(self, guests: Sequence[Guest], *, balloon: bool = True) -> Dict[str, DomainRecord]:
         """State (and balloon figures) of many domains in one round trip, keyed by UUID.
@@ -469,8 +526,10 @@ class Host:
         if not guests:
             return {}
         stats = libvirt.VIR_DOMAIN_STATS_STATE | (libvirt.VIR_DOMAIN_STATS_BALLOON if balloon else 0)
+        lane = self.lanes.current() if self.lanes is not None else None
+        conn = lane.conn if lane is not None else self.conn
         with libvirt_call(self.counter, "domainListGetStats"):
-            records = self.conn.domainListGetStats(
+            records = conn.domainListGetStats(
                 [g.domain for g in guests], stats, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
             )
         out = {}
@@ -519,6 +578,12 @@ class Host:
         if keepalive:
             with libvirt_call(self.counter, "setKeepAlive"):
                 self.conn.setKeepAlive(keepalive, 3)
+
+
+def _close_quietly(conn: Any) -> None:
+    """Close a connection; errors on close are of no use to anyone."""
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
 
 
 def _is_uuid(text: str) -> bool:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from virt_balloon_stats.collector import Cycle, Totals
 from virt_balloon_stats.errors import InvalidArgument
+from virt_balloon_stats.lanes import LaneStats
 from virt_balloon_stats.sample import Sample
 from virt_balloon_stats.stats import ACTUAL, STATS, STATS_BY_QEMU_NAME, StatSpec, Status
 
@@ -145,6 +146,8 @@ def _self_metrics(families: _Families, cycle: Cycle, totals: Optional[Totals]) -
                 counts[s.status.value] += 1
         for status, count in counts.items():
             by_status.add_metric([uri, status], count)
+        if host.lanes is not None:
+            _lane_metrics(families, uri, host.lanes)
     families.gauge(
         f"{PREFIX}_cycle_duration_seconds", "how long the last cycle took", ()
     ).add_metric([], round(cycle.duration, 6))
@@ -174,6 +177,28 @@ def _self_metrics(families: _Families, cycle: Cycle, totals: Optional[Totals]) -
             "epoch seconds when the last cycle in which this URI answered began",
             ("uri",),
         ).add_metric([uri], round(when, 3))
+
+
+def _lane_metrics(families: _Families, uri: str, lanes: LaneStats) -> None:
+    """Calls in flight on a URI's connections: one stuck for minutes is a QEMU that does not move."""
+    families.gauge(
+        f"{PREFIX}_libvirt_calls_in_flight", "libvirt calls running at the end of the last cycle", ("uri",)
+    ).add_metric([uri], lanes.in_flight)
+    families.gauge(
+        f"{PREFIX}_libvirt_calls_stuck",
+        "libvirt calls running for longer than the domain deadline (each holds one lane)",
+        ("uri",),
+    ).add_metric([uri], lanes.stuck)
+    families.gauge(
+        f"{PREFIX}_libvirt_oldest_call_seconds",
+        "how long the oldest libvirt call still running has run (0 when none)",
+        ("uri",),
+    ).add_metric([uri], round(lanes.oldest_seconds, 3))
+    families.gauge(
+        f"{PREFIX}_libvirt_connections",
+        "libvirt connections open: the collector's own one plus its lanes",
+        ("uri",),
+    ).add_metric([uri], 1 + lanes.connections)
 
 
 def families_of(cycle: Optional[Cycle], totals: Optional[Totals] = None) -> List[Metric]:

@@ -32,17 +32,11 @@ from tests.unit.conftest import (
     wait_until,
 )
 from virt_balloon_stats.client import DEFAULT_REFRESH_SECONDS, BalloonStats
-from virt_balloon_stats.collector import (
-    BULK_MIN_CHUNK,
-    LOST_CONNECTION,
-    RECONNECT_FIRST,
-    Collector,
-    Cycle,
-    _chunk_sizes,
-)
+from virt_balloon_stats.collector import LOST_CONNECTION, RECONNECT_FIRST, Collector, Cycle
 from virt_balloon_stats.errors import ConnectionFailed, DomainNotFound, InvalidArgument, QEMUUnresponsive
 from virt_balloon_stats.host import Host
 from virt_balloon_stats.qmp import POLLING_PROPERTY
+from virt_balloon_stats.rounds import BULK_MIN_CHUNK, chunk_sizes
 from virt_balloon_stats.stats import Status
 from virt_balloon_stats.transport import QMPClient
 
@@ -540,7 +534,7 @@ def test_bulk_calls_come_in_shrinking_chunks_that_cover_every_domain_once():
     [(30, 3, [12, 10]), (100, 3, [40, 33]), (30, 2, [17]), (30, 1, []), (10, 3, [6, 6]), (1, 3, [6, 6])],
 )
 def test_chunk_sizes_shrink_and_never_go_below_the_minimum(expected, calls, sizes):
-    assert _chunk_sizes(expected, calls) == sizes
+    assert chunk_sizes(expected, calls) == sizes
     assert all(size >= BULK_MIN_CHUNK for size in sizes)
 
 
