@@ -68,14 +68,8 @@ from virt_balloon_stats.errors import (
     DomainNotRunning,
     InvalidArgument,
 )
-from virt_balloon_stats.host import (
-    DomainRecord,
-    EventLoopHold,
-    Guest,
-    HostEvent,
-    default_uri,
-    start_event_loop,
-)
+from virt_balloon_stats.events import EventLoopHold, HostEvent, start_event_loop
+from virt_balloon_stats.host import DomainRecord, Guest, default_uri
 from virt_balloon_stats.lanes import LaneStats
 from virt_balloon_stats.pool import WorkerPool
 from virt_balloon_stats.rounds import BULK_CHUNKS, BULK_RESERVE, BulkCalls, BulkRound, woken

@@ -1,6 +1,7 @@
 """The libvirt edge: connections, domain look-up, and error translation.
 
-This module and :mod:`virt_balloon_stats.transport` are the only ones that
+This module, :mod:`virt_balloon_stats.events` (the event loop) and
+:mod:`virt_balloon_stats.transport` (the passthrough) are the only ones that
 touch libvirt. libvirt's camelCase stays here; the rest of the package sees
 :class:`Host` and :class:`Guest`, snake_case methods and plain values.
 
@@ -33,6 +34,7 @@ from virt_balloon_stats.errors import (
     OperationTimedOut,
     UnsupportedHypervisor,
 )
+from virt_balloon_stats.events import CLOSE_REASONS, LIFECYCLE_NAMES, HostEvent
 from virt_balloon_stats.lanes import Lanes
 
 __all__ = [
@@ -44,9 +46,6 @@ __all__ = [
     "Guest",
     "Host",
     "DomainRecord",
-    "HostEvent",
-    "start_event_loop",
-    "EventLoopHold",
     "silence_libvirt_stderr",
 ]
 
@@ -89,111 +88,6 @@ class DomainRecord:
 
     state: str
     balloon: Mapping[str, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class HostEvent:
-    """What libvirt told us asynchronously, reduced to what a reader acts on.
-
-    :ivar kind: ``lifecycle``, ``device`` (a device was added or removed),
-        ``balloon`` (the balloon's size changed) or ``closed`` (the
-        connection was lost; ``uuid`` is ``None``).
-    :ivar uuid: The domain concerned.
-    :ivar detail: A short word for logs (``started``, ``stopped``, ``eof``...).
-    """
-
-    kind: str
-    uuid: Optional[str]
-    detail: str
-
-
-_LIFECYCLE_NAMES = {
-    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
-    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
-    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
-    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
-    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
-    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
-    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
-    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
-}
-
-_CLOSE_REASONS = {
-    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
-    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "eof",
-    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive",
-    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "client",
-}
-
-_event_loop_lock = threading.Lock()
-_event_loop_thread: Optional[threading.Thread] = None
-_event_loop_free = threading.Event()  # cleared while an EventLoopHold is held
-_event_loop_free.set()
-_event_loop_holds = 0
-
-
-def start_event_loop() -> None:
-    """Run libvirt's default event loop in a daemon thread, once per process.
-
-    Events, the close callback and keepalive all need it, and it must be
-    registered before the connections that use it are opened. libvirt's
-    callbacks run in this thread; :class:`Host` only queues them there, as
-    nova does, so nothing slow ever runs inside libvirt's loop.
-    """
-    global _event_loop_thread
-    with _event_loop_lock:
-        if _event_loop_thread is not None:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def loop() -> None:
-            while True:
-                _event_loop_free.wait()
-                libvirt.virEventRunDefaultImpl()
-
-        _event_loop_thread = threading.Thread(target=loop, name="libvirt-event-loop", daemon=True)
-        _event_loop_thread.start()
-
-
-class EventLoopHold:
-    """Keeps the event loop of :func:`start_event_loop` waiting until released.
-
-    libvirt's RPC client does the I/O of each call in the calling thread,
-    but it switches its socket's watch off and on again around every call,
-    and each switch wakes the loop to re-read its handles: two wake-ups of
-    the loop thread per call. A collector making a few dozen calls a cycle
-    spent a fifth of its CPU on them (1.8 ms of 8.8 ms for 30 domains, and
-    4 % of the cycle's time, on the testbed). Held, the loop finishes the
-    iteration it is in and waits; what libvirt receives meanwhile (events,
-    the close of the connection) it queues, and delivers when the loop runs
-    again. Holds nest and may overlap; the loop waits while any is held.
-    Hold it only for a bounded time: the loop also serves keepalive.
-    """
-
-    def __init__(self) -> None:
-        global _event_loop_holds
-        with _event_loop_lock:
-            _event_loop_holds += 1
-            _event_loop_free.clear()
-        self._held = True
-
-    def release(self) -> None:
-        """Let the loop run again, unless another hold remains; a second release does nothing."""
-        global _event_loop_holds
-        with _event_loop_lock:
-            if not self._held:
-                return
-            self._held = False
-            _event_loop_holds -= 1
-            if not _event_loop_holds:
-                _event_loop_free.set()
-
-    def __enter__(self) -> "EventLoopHold":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def default_uri() -> str:
@@ -544,7 +438,7 @@ class Host:
     def watch(self, queue: Callable[[HostEvent], None], *, keepalive: Optional[int] = 5) -> None:
         """Deliver domain events and the loss of the connection to ``queue``.
 
-        Needs :func:`start_event_loop` before :meth:`open`. ``queue`` is called
+        Needs :func:`~virt_balloon_stats.events.start_event_loop` before :meth:`open`. ``queue`` is called
         in libvirt's event thread, so it must only hand the event on. With
         ``keepalive`` (seconds), a libvirtd that stops answering is noticed
         after about three missed replies even when no call is in flight.
@@ -553,7 +447,7 @@ class Host:
         """
 
         def lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
-            queue(HostEvent("lifecycle", dom.UUIDString(), _LIFECYCLE_NAMES.get(event, str(event))))
+            queue(HostEvent("lifecycle", dom.UUIDString(), LIFECYCLE_NAMES.get(event, str(event))))
 
         def device(_conn: Any, dom: Any, alias: str, _opaque: Any) -> None:
             queue(HostEvent("device", dom.UUIDString(), str(alias)))
@@ -562,7 +456,7 @@ class Host:
             queue(HostEvent("balloon", dom.UUIDString(), str(actual)))
 
         def closed(_conn: Any, reason: int, _opaque: Any) -> None:
-            queue(HostEvent("closed", None, _CLOSE_REASONS.get(reason, str(reason))))
+            queue(HostEvent("closed", None, CLOSE_REASONS.get(reason, str(reason))))
 
         registrations = (
             (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),

@@ -26,7 +26,8 @@ from tests.ci import unavailable
 from tests.fakelibvirt import FakeConnect, FakeDomain, RecordedTransport, error_from_record
 from virt_balloon_stats.client import BalloonStats
 from virt_balloon_stats.domxml import parse_balloon
-from virt_balloon_stats.host import Guest, Host, start_event_loop
+from virt_balloon_stats.events import start_event_loop
+from virt_balloon_stats.host import Guest, Host
 from virt_balloon_stats.transport import QMPClient
 
 RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "recorded"

@@ -35,14 +35,8 @@ from virt_balloon_stats.errors import (
     OperationTimedOut,
     UnsupportedHypervisor,
 )
-from virt_balloon_stats.host import (
-    EventLoopHold,
-    Guest,
-    Host,
-    RPCCounter,
-    libvirt_call,
-    translate_error,
-)
+from virt_balloon_stats.events import EventLoopHold
+from virt_balloon_stats.host import Guest, Host, RPCCounter, libvirt_call, translate_error
 
 # Recorded case -> the package's exception, and a word its hint must contain.
 RECORDED_TRANSLATIONS = {
