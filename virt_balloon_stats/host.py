@@ -20,7 +20,7 @@ import dataclasses
 import os
 import re
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import libvirt
 
@@ -305,7 +305,9 @@ class Host:
         self.counter = counter or RPCCounter()
         self._callbacks: List[int] = []  # domain event registrations, undone by close()
         self._reopen = reopen
-        self.lanes: Optional[Lanes] = None if reopen is None else Lanes(self._open_lane, _close_quietly)
+        self.lanes: Optional[Lanes] = (
+            None if reopen is None else Lanes(self._open_lane, _close_quietly, lister=self._lane_domains)
+        )
 
     def _open_lane(self) -> Any:
         """One more connection, for a lane.
@@ -322,6 +324,12 @@ class Host:
                 code=err.code,
                 libvirt_message=err.libvirt_message,
             ) from err
+
+    def _lane_domains(self, conn: Any) -> Dict[Tuple[str, Optional[int]], Any]:
+        """The running domains of a lane's connection, keyed as :attr:`Guest.cache_key` is."""
+        with libvirt_call(self.counter, "listAllDomains"):
+            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        return {(d.UUIDString(), d.ID()): d for d in domains}
 
     def leased(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` with its calls in a lane of their own (on this connection if it has no lanes)."""

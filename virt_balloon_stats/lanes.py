@@ -45,9 +45,12 @@ import contextvars
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 __all__ = ["Lane", "Lanes", "LaneStats"]
+
+#: How a domain is keyed in a lane: (UUID, id), which changes when it restarts.
+Key = Tuple[str, Optional[int]]
 
 #: The lease of the running thread: (the pool it came from, the lane).
 _LEASE: "contextvars.ContextVar[Optional[Tuple[Lanes, Lane]]]" = contextvars.ContextVar(
@@ -78,29 +81,41 @@ class Lane:
     :ivar since: When the running call's lease began (``None`` while idle).
     """
 
-    def __init__(self, conn: Any, number: int) -> None:
+    def __init__(self, conn: Any, number: int, pool: "Optional[Lanes]" = None) -> None:
         self.conn = conn
         self.number = number
+        self._pool = pool
         self.since: Optional[float] = None
-        self._domains: Dict[Tuple[str, Optional[int]], Any] = {}
+        self._domains: Dict[Key, Any] = {}
+        self._listed = -1  # the pool's generation when this lane last listed its domains
+        self._kept = -1  # ... and when it last forgot the domains the pool no longer keeps
 
     def __repr__(self) -> str:
         return f"Lane({self.number}, busy={self.since is not None})"
 
-    def domain(self, key: Tuple[str, Optional[int]], lookup: Callable[[Any], Any]) -> Any:
-        """This lane's handle of the domain ``key`` (UUID, id); ``lookup(conn)`` finds it the first time.
+    def domain(self, key: Key, lookup: Callable[[Any], Any]) -> Any:
+        """This lane's handle of the domain ``key`` (UUID, id).
 
-        Only the leasing thread uses a lane, so the cache needs no lock.
+        The first time, the lane lists every running domain in one call (the
+        pool's ``lister``), so a new lane costs one round trip rather than
+        one per domain; a domain still missing after that (not running, or
+        started since) is found with ``lookup(conn)``. Only the leasing
+        thread uses a lane, so the cache needs no lock.
         """
         found = self._domains.get(key)
         if found is None:
-            found = self._domains[key] = lookup(self.conn)
+            pool = self._pool
+            if pool is not None and pool.lister is not None and self._listed != pool.generation:
+                self._listed = pool.generation
+                self._domains.update(pool.lister(self.conn))
+                found = self._domains.get(key)
+            if found is None:
+                found = self._domains[key] = lookup(self.conn)
         return found
 
-    def retain(self, keys: Iterable[Tuple[str, Optional[int]]]) -> None:
+    def retain(self, keys: FrozenSet[Key]) -> None:
         """Forget the handles of domains not in ``keys`` (they stopped or restarted)."""
-        keep = set(keys)
-        self._domains = {k: v for k, v in self._domains.items() if k in keep}
+        self._domains = {k: v for k, v in self._domains.items() if k in keys}
 
 
 class Lanes:
@@ -108,6 +123,9 @@ class Lanes:
 
     :param opener: Opens one more connection to the URI (and counts it).
     :param closer: Closes one; never raises.
+    :param lister: The running domains of one connection, by (UUID, id): a
+        new lane's handles, in one round trip (without it, each domain is
+        looked up on its own).
     :param keep: Idle lanes kept open for the next tasks; more are closed
         as their calls return (a burst of stuck calls leaves nothing behind).
     """
@@ -117,6 +135,7 @@ class Lanes:
         opener: Callable[[], Any],
         closer: Callable[[Any], None],
         *,
+        lister: Optional[Callable[[Any], Dict[Key, Any]]] = None,
         keep: int = 11,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -124,6 +143,9 @@ class Lanes:
             raise ValueError(f"keep must be 0 or more, not {keep}")
         self._opener = opener
         self._closer = closer
+        self.lister = lister
+        #: Bumped by :meth:`retain`: a lane lists its domains again on its next miss.
+        self.generation = 0
         self.keep = keep
         self._clock = clock
         self._lock = threading.Lock()
@@ -131,7 +153,7 @@ class Lanes:
         self._busy: List[Lane] = []
         self._numbers = 0
         self._closed = False
-        self._retained: Optional[frozenset[Tuple[str, Optional[int]]]] = None
+        self._retained: Optional[FrozenSet[Key]] = None
 
     def current(self) -> Optional[Lane]:
         """The lane the calling thread leased from this pool, if any."""
@@ -174,7 +196,7 @@ class Lanes:
             self._numbers += 1
             number = self._numbers
         conn = self._opener()  # outside the lock: opening is a round trip
-        lane = Lane(conn, number)
+        lane = Lane(conn, number, self)
         lane.since = self._clock()
         with self._lock:
             closed = self._closed
@@ -191,19 +213,28 @@ class Lanes:
             lane.since = None
             close = self._closed or len(self._idle) >= self.keep
             if not close:
-                if self._retained is not None:
+                if self._retained is not None and lane._kept != self.generation:
                     lane.retain(self._retained)
+                    lane._kept = self.generation
                 self._idle.append(lane)
         if close:
             self._closer(lane.conn)
 
-    def retain(self, keys: Iterable[Tuple[str, Optional[int]]]) -> None:
-        """Forget, in every lane, the handles of domains not in ``keys`` (a busy lane, when it returns)."""
+    def retain(self, keys: Iterable[Key]) -> None:
+        """Forget, in every lane, the handles of domains not in ``keys`` (a busy lane, when it returns).
+
+        Called when the domains were listed again: a lane that then misses a
+        domain lists its own again once.
+        """
         keep = frozenset(keys)
         with self._lock:
+            if keep == self._retained:
+                return
             self._retained = keep
+            self.generation += 1
             for lane in self._idle:
                 lane.retain(keep)
+                lane._kept = self.generation
 
     def stats(self, stuck_after: float) -> LaneStats:
         """Calls in flight, those running longer than ``stuck_after`` seconds, and lanes open."""
