@@ -69,10 +69,18 @@ from virt_balloon_stats.errors import (
     InvalidArgument,
 )
 from virt_balloon_stats.events import EventLoopHold, HostEvent, start_event_loop
-from virt_balloon_stats.host import DomainRecord, Guest, default_uri
+from virt_balloon_stats.host import Guest, default_uri
 from virt_balloon_stats.lanes import LaneStats
 from virt_balloon_stats.pool import WorkerPool
-from virt_balloon_stats.rounds import BULK_CHUNKS, BULK_RESERVE, BulkCalls, BulkRound, woken
+from virt_balloon_stats.rounds import (
+    BULK_CHUNKS,
+    BulkCalls,
+    BulkRound,
+    DomainSlot,
+    Work,
+    read_then_join,
+    run_rounds,
+)
 from virt_balloon_stats.sample import SOURCES, Sample, not_read, unanswered
 from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS, Status
 
@@ -101,9 +109,6 @@ LOST_CONNECTION = "lost the libvirt connection; reconnecting"
 
 #: Seconds early a reconnect attempt may start, to match the cycle schedule.
 _RETRY_SLACK = 0.25
-
-#: Seconds after which a QEMU read still running is taken for stuck (a read takes milliseconds).
-SLOW_READ = 0.5
 
 #: Hard cap on worker threads above ``workers``: one per stuck call, at most.
 MAX_STUCK_THREADS = 32
@@ -184,22 +189,6 @@ class Totals:
     errors_by_uri: Dict[str, "collections.Counter[str]"] = dataclasses.field(default_factory=dict)
 
 
-class _Entry:
-    """One incarnation of one domain on one host: its Guest, memo, and pending call."""
-
-    def __init__(self, guest: Guest) -> None:
-        self.guest = guest
-        self.memo = DomainMemo()
-        self.pending: Optional["concurrent.futures.Future[Union[Reading, Sample]]"] = None
-        self.pending_since = 0.0
-        self.last: Optional[Sample] = None
-
-
-#: A domain's place in a cycle: its reading in flight, or a sample made without one.
-_Future = concurrent.futures.Future  # a reading in flight: Future[Union[Reading, Sample]]
-_Work = Tuple[_Entry, Union[Sample, "_Future[Union[Reading, Sample]]"]]
-
-
 class _HostSession:
     """One URI: its connection, event queue, domain entries and reconnect schedule."""
 
@@ -208,7 +197,7 @@ class _HostSession:
         self.client = client
         self.owned = client is None  # a session we opened is ours to close
         self.events: "queue.SimpleQueue[HostEvent]" = queue.SimpleQueue()
-        self.entries: Dict[str, _Entry] = {}
+        self.entries: Dict[str, DomainSlot] = {}
         self.relist_due = 0.0
         self.retry_at = 0.0
         self.backoff = RECONNECT_FIRST
@@ -413,11 +402,11 @@ class Collector:
         deadline = start + timeout
         hosts: Dict[str, HostState] = {}
         problems: List[Problem] = []
-        planned: List[Tuple[_HostSession, List[_Work]]] = []
-        rounds: List[Tuple[BulkRound, List[_Work]]] = []
+        planned: List[Tuple[_HostSession, List[Work]]] = []
+        rounds: List[Tuple[BulkRound, List[Work]]] = []
         # Bulk calls and the last QEMU read of each host wake the pipeline.
         wake: "queue.SimpleQueue[None]" = queue.SimpleQueue()
-        stuck = sum(1 for s in self._sessions for e in s.entries.values() if _busy(e))
+        stuck = sum(1 for s in self._sessions for e in s.entries.values() if e.busy)
         self._pool.reserve(stuck)
         # libvirt's event loop waits while this cycle's calls run (see
         # EventLoopHold), until the reads stall or the bulk calls are back.
@@ -425,7 +414,7 @@ class Collector:
         try:
             # Everyone reads QEMU first; bulk calls then cover those that answered.
             self._start(problems, hosts, planned, rounds, wake)
-            self._pipeline(rounds, wake, start, deadline, timeout, stuck, hold)
+            run_rounds(self._pool, rounds, wake, start, deadline, timeout, stuck, hold)
         finally:
             hold.release()
         futures = [f for _, work in planned for _, f in work if isinstance(f, concurrent.futures.Future)]
@@ -489,8 +478,8 @@ class Collector:
         self,
         problems: List[Problem],
         hosts: Dict[str, HostState],
-        planned: List[Tuple[_HostSession, List[_Work]]],
-        rounds: List[Tuple[BulkRound, List[_Work]]],
+        planned: List[Tuple[_HostSession, List[Work]]],
+        rounds: List[Tuple[BulkRound, List[Work]]],
         wake: "queue.SimpleQueue[None]",
     ) -> None:
         """Connect each host as needed and start every domain's QEMU read (or settle it at once)."""
@@ -511,90 +500,6 @@ class Collector:
             planned.append((session, work))
             if bulk is not None:
                 rounds.append((bulk, work))
-
-    def _pipeline(
-        self,
-        rounds: "List[Tuple[BulkRound, List[_Work]]]",
-        wake: "queue.SimpleQueue[None]",
-        start: float,
-        deadline: float,
-        timeout: float,
-        stuck: int,
-        hold: EventLoopHold,
-    ) -> None:
-        """From QEMU reads to finished readings: bulk calls in chunks, as the reads come back.
-
-        Readings join their host's round as their QEMU answers; as soon as a
-        chunk of them has (a share of the domains, :data:`BULK_CHUNKS`), the
-        worker that completed it sends one bulk call for libvirt's side of
-        that chunk, while the other reads go on; when a bulk call returns, this
-        thread has its domains finished in the workers. So libvirt's serial
-        bulk work overlaps the QMP reads instead of following them, and this
-        thread wakes a few times a cycle, not once per domain. At the cutoff
-        (:data:`BULK_RESERVE` of the deadline before it) the rounds close; a
-        read still running then is left to finish alone. Halfway from the
-        cutoff to the deadline, the domains of a bulk call still out ask
-        libvirt on their own: a QEMU that stopped between its QMP read and the
-        bulk call holds that call.
-
-        A read takes milliseconds; one still running after :data:`SLOW_READ`
-        seconds (or a fifth of the deadline, if shorter) is taken for stuck:
-        the domains waiting for a chunk to fill get their bulk call now, not at
-        the cutoff, and the pool gets a spare thread per stuck read, so the
-        domains queued behind it are read on time even when every worker is
-        held by a hung QEMU. libvirt's event loop, held while the calls run,
-        is let go then too: ``hold`` lasts a healthy cycle, never a stuck one.
-        """
-        cutoff = deadline - BULK_RESERVE * timeout
-        slow = min(SLOW_READ, (cutoff - start) / 4)
-        where = [{entry.guest.uuid: i for i, (entry, _) in enumerate(work)} for _, work in rounds]
-        closed = hurried = False
-        while True:
-            now = time.monotonic()
-            if now >= cutoff and not closed:
-                closed = True
-                for bulk, _ in rounds:
-                    bulk.close()
-            if not hurried and (closed or now - start >= slow):
-                hurried = True
-                hold.release()
-                for bulk, _ in rounds:
-                    bulk.hurry()
-            for (bulk, work), index in zip(rounds, where):
-                for readings, records in bulk.returned():
-                    self._finish(bulk, work, index, readings, records)
-            if all(bulk.settled() for bulk, _ in rounds):
-                return
-            if closed and not any(bulk.calls_out for bulk, _ in rounds):
-                return
-            # After the cutoff, bulk calls get half of what is left; then their
-            # domains ask libvirt on their own, in time for the deadline. (A QEMU
-            # that stops between its QMP read and the bulk call holds that call.)
-            until = cutoff if not closed else (cutoff + deadline) / 2
-            if now >= until:
-                break
-            if not woken(wake, max(0.0, min(until - now, slow))) and time.monotonic() - start >= slow:
-                self._pool.reserve(stuck + sum(bulk.reads_running() for bulk, _ in rounds))
-        # Bulk calls still out: their domains ask libvirt on their own.
-        for (bulk, work), index in zip(rounds, where):
-            self._finish(bulk, work, index, bulk.abandon(), {})
-
-    def _finish(
-        self,
-        bulk: BulkRound,
-        work: List[_Work],
-        index: Dict[str, int],
-        readings: List[Reading],
-        records: Dict[str, DomainRecord],
-    ) -> None:
-        """Finish readings in the workers, with their bulk call's records (none: each asks libvirt)."""
-        for reading in readings:
-            i = index[reading.guest.uuid]
-            entry, _ = work[i]
-            record = records.get(reading.guest.uuid)
-            client = bulk.client
-            entry.pending = self._pool.submit(client.host.leased, client.finish_sample, reading, record)
-            work[i] = (entry, entry.pending)
 
     # -- connection ----------------------------------------------------------
 
@@ -689,7 +594,7 @@ class Collector:
 
     def _plan(
         self, session: _HostSession, problems: List[Problem], wake: "queue.SimpleQueue[None]"
-    ) -> Tuple[Optional[BulkRound], List[_Work]]:
+    ) -> Tuple[Optional[BulkRound], List[Work]]:
         """List the domains if needed and start each domain's reading of QEMU."""
         client = session.client
         assert client is not None
@@ -698,15 +603,17 @@ class Collector:
             self._relist(session, problems)
             session.relist_due = now + RELIST_SECONDS
         # Decided once: a call still out may come back while this loop runs.
-        entries = [(session.entries[k], _busy(session.entries[k])) for k in self._order(session)]
+        entries = [(session.entries[k], session.entries[k].busy) for k in self._order(session)]
         free = sum(1 for _, busy in entries if not busy)
         bulk = BulkRound(client, session.bulk, free, self.source != "qmp", wake) if free else None
-        work: List[_Work] = []
+        work: List[Work] = []
         for entry, busy in entries:
             if busy or bulk is None:
                 work.append((entry, self._unresponsive(session, entry)))
                 continue
-            entry.pending = self._pool.submit(client.host.leased, self._begin, client, entry, bulk)
+            entry.pending = self._pool.submit(
+                client.host.leased, read_then_join, client, entry, bulk, self.source
+            )
             entry.pending_since = time.monotonic()
             bulk.track(entry.pending)
             work.append((entry, entry.pending))
@@ -729,11 +636,11 @@ class Collector:
                 except BalloonStatsError as err:
                     if not any(p.what == str(ref) for p in problems):
                         problems.append(Problem(str(ref), session.uri, err))
-        fresh: Dict[str, _Entry] = {}
+        fresh: Dict[str, DomainSlot] = {}
         for guest in guests:
             old = session.entries.get(guest.uuid)
             same = old is not None and old.guest.cache_key == guest.cache_key
-            fresh[guest.uuid] = old if old is not None and same else _Entry(guest)
+            fresh[guest.uuid] = old if old is not None and same else DomainSlot(guest)
         session.entries = fresh
         if client.host.lanes is not None:
             client.host.lanes.retain(g.cache_key for g in guests)
@@ -743,17 +650,10 @@ class Collector:
     def _order(self, session: _HostSession) -> List[str]:
         return [k for k in session.order if k in session.entries]
 
-    def _begin(self, client: BalloonStats, entry: _Entry, bulk: BulkRound) -> Union[Reading, Sample]:
-        """In a worker: read QEMU; join the bulk call, or finish alone when it has gone."""
-        reading = client.begin_sample(entry.guest, self.source, memo=entry.memo)
-        if reading.error is None and bulk.join(reading):
-            return reading
-        return client.finish_sample(reading)
-
     def _settle(
         self,
         session: _HostSession,
-        entry: _Entry,
+        entry: DomainSlot,
         item: Union[Sample, "concurrent.futures.Future[Union[Reading, Sample]]"],
     ) -> Optional[Sample]:
         """Turn a planned item into the cycle's sample, or ``None`` to leave the domain out."""
@@ -778,13 +678,13 @@ class Collector:
         entry.last = sample
         return sample
 
-    def _unresponsive(self, session: _HostSession, entry: _Entry) -> Sample:
+    def _unresponsive(self, session: _HostSession, entry: DomainSlot) -> Sample:
         waited = time.monotonic() - entry.pending_since
         again = "; not asked again until it answers" if self.events or entry.last else ""
         message = unanswered(waited) + again
         return self._placeholder(session.uri, entry.guest, entry.last, Status.UNRESPONSIVE, message)
 
-    def _unreachable(self, session: _HostSession, entry: _Entry) -> Sample:
+    def _unreachable(self, session: _HostSession, entry: DomainSlot) -> Sample:
         return self._placeholder(session.uri, entry.guest, entry.last, Status.UNREACHABLE, LOST_CONNECTION)
 
     def _lost(self, sample: Sample) -> Sample:
@@ -812,7 +712,7 @@ class Collector:
             last=last,
         )
 
-    def _known(self, session: _HostSession) -> List[_Entry]:
+    def _known(self, session: _HostSession) -> List[DomainSlot]:
         return [session.entries[k] for k in self._order(session)]
 
     def _count_calls(self) -> Dict[str, int]:
@@ -843,7 +743,3 @@ class Collector:
             self._warn("%s: %s", sample.domain, sample.message)
         elif before == Status.UNRESPONSIVE.value:
             self._warn("%s: QEMU answers again", sample.domain)
-
-
-def _busy(entry: _Entry) -> bool:
-    return entry.pending is not None and not entry.pending.done()

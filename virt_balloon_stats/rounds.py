@@ -1,14 +1,22 @@
-"""Bulk calls in a cycle: libvirt's side of many domains in a few round trips, as their QEMU reads come back.
+"""Call scheduling within a cycle: one call out per domain, QEMU reads first, libvirt's side in bulk.
 
-The collector reads QEMU for every domain first (one passthrough call
-each), then libvirt's state and balloon figures of those that answered in
-bulk ``virDomainListGetStats`` calls: a :class:`BulkRound` per host and
-cycle sends them in chunks while the other reads go on, and a
-:class:`BulkCalls` per host bounds how many are in flight across cycles.
-Every call runs in a lane of its own (:mod:`virt_balloon_stats.lanes`).
-The collector drives a round from its thread (:meth:`BulkRound.hurry`,
-:meth:`BulkRound.close`, :meth:`BulkRound.returned`); the workers feed it
-(:meth:`BulkRound.join`).
+Below the collector, which keeps the connections, reconnects and events,
+this module decides which calls a cycle makes and when:
+
+* :class:`DomainSlot`: a domain is never asked again while a call to it is
+  outstanding (with a stopped QEMU, every further call would only wait
+  behind the first, each holding a thread, a lane and a libvirtd worker);
+* :func:`read_then_join`: each domain's reading reads QEMU first (one
+  passthrough call) in a worker, then joins its host's :class:`BulkRound`;
+* :class:`BulkRound`: libvirt's state and balloon figures of the domains
+  whose QEMU answered come in a few bulk ``virDomainListGetStats`` calls,
+  sent in chunks while the other reads go on; :class:`BulkCalls` bounds how
+  many are in flight per host across cycles;
+* :func:`run_rounds`: the collector's thread drives the rounds to the
+  cutoff and the deadline, and adds a spare thread per stuck read.
+
+Every call runs in a lane of its own (:mod:`virt_balloon_stats.lanes`), so
+a call that never returns holds only its own connection.
 """
 
 from __future__ import annotations
@@ -17,10 +25,12 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from typing import Dict, List, Optional, Tuple, Union
 
-from virt_balloon_stats.client import BalloonStats, Reading
+from virt_balloon_stats.client import BalloonStats, DomainMemo, Reading
 from virt_balloon_stats.errors import BalloonStatsError
+from virt_balloon_stats.events import EventLoopHold
 from virt_balloon_stats.host import DomainRecord, Guest
 from virt_balloon_stats.pool import WorkerPool
 from virt_balloon_stats.sample import Sample
@@ -29,6 +39,11 @@ __all__ = [
     "BULK_CHUNKS",
     "BULK_MIN_CHUNK",
     "BULK_RESERVE",
+    "SLOW_READ",
+    "DomainSlot",
+    "Work",
+    "read_then_join",
+    "run_rounds",
     "BulkCalls",
     "BulkRound",
     "chunk_sizes",
@@ -49,6 +64,45 @@ BULK_MIN_CHUNK = 6
 
 #: Share of the deadline kept for the bulk call and the second half of each reading.
 BULK_RESERVE = 0.2
+
+
+#: Seconds after which a QEMU read still running is taken for stuck (a read takes milliseconds).
+SLOW_READ = 0.5
+
+
+class DomainSlot:
+    """One incarnation of one domain on one host: its Guest, memo, and the one call out to it.
+
+    A domain is never asked again while a call to it is outstanding
+    (:attr:`busy`): with a stopped QEMU, every further call would only wait
+    behind the first one, each holding a thread, a lane and a libvirtd worker.
+    """
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+        self.memo = DomainMemo()
+        self.pending: Optional["concurrent.futures.Future[Union[Reading, Sample]]"] = None
+        self.pending_since = 0.0
+        self.last: Optional[Sample] = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a call to this domain is still out."""
+        return self.pending is not None and not self.pending.done()
+
+
+#: A domain's place in a cycle: its reading in flight, or a sample made without one.
+Work = Tuple[DomainSlot, Union[Sample, "concurrent.futures.Future[Union[Reading, Sample]]"]]
+
+
+def read_then_join(
+    client: BalloonStats, slot: DomainSlot, bulk: "BulkRound", source: str
+) -> Union[Reading, Sample]:
+    """In a worker: read QEMU; join the bulk call, or finish alone when the round has closed."""
+    reading = client.begin_sample(slot.guest, source, memo=slot.memo)
+    if reading.error is None and bulk.join(reading):
+        return reading
+    return client.finish_sample(reading)
 
 
 class BulkCalls:
@@ -264,3 +318,89 @@ def done(value: Dict[str, DomainRecord]) -> "concurrent.futures.Future[Dict[str,
     future: "concurrent.futures.Future[Dict[str, DomainRecord]]" = concurrent.futures.Future()
     future.set_result(value)
     return future
+
+
+def run_rounds(
+    pool: WorkerPool,
+    rounds: "List[Tuple[BulkRound, List[Work]]]",
+    wake: "queue.SimpleQueue[None]",
+    start: float,
+    deadline: float,
+    timeout: float,
+    stuck: int,
+    hold: EventLoopHold,
+) -> None:
+    """Drive one cycle's rounds from QEMU reads to finished readings: bulk calls in chunks, as reads return.
+
+    Readings join their host's round as their QEMU answers; as soon as a
+    chunk of them has (a share of the domains, :data:`BULK_CHUNKS`), the
+    worker that completed it sends one bulk call for libvirt's side of
+    that chunk, while the other reads go on; when a bulk call returns, this
+    thread has its domains finished in the workers. So libvirt's serial
+    bulk work overlaps the QMP reads instead of following them, and this
+    thread wakes a few times a cycle, not once per domain. At the cutoff
+    (:data:`BULK_RESERVE` of the deadline before it) the rounds close; a
+    read still running then is left to finish alone. Halfway from the
+    cutoff to the deadline, the domains of a bulk call still out ask
+    libvirt on their own: a QEMU that stopped between its QMP read and the
+    bulk call holds that call.
+
+    A read takes milliseconds; one still running after :data:`SLOW_READ`
+    seconds (or a fifth of the deadline, if shorter) is taken for stuck:
+    the domains waiting for a chunk to fill get their bulk call now, not at
+    the cutoff, and the pool gets a spare thread per stuck read, so the
+    domains queued behind it are read on time even when every worker is
+    held by a hung QEMU. libvirt's event loop, held while the calls run,
+    is let go then too: ``hold`` lasts a healthy cycle, never a stuck one.
+    """
+    cutoff = deadline - BULK_RESERVE * timeout
+    slow = min(SLOW_READ, (cutoff - start) / 4)
+    where = [{entry.guest.uuid: i for i, (entry, _) in enumerate(work)} for _, work in rounds]
+    closed = hurried = False
+    while True:
+        now = time.monotonic()
+        if now >= cutoff and not closed:
+            closed = True
+            for bulk, _ in rounds:
+                bulk.close()
+        if not hurried and (closed or now - start >= slow):
+            hurried = True
+            hold.release()
+            for bulk, _ in rounds:
+                bulk.hurry()
+        for (bulk, work), index in zip(rounds, where):
+            for readings, records in bulk.returned():
+                _finish(pool, bulk, work, index, readings, records)
+        if all(bulk.settled() for bulk, _ in rounds):
+            return
+        if closed and not any(bulk.calls_out for bulk, _ in rounds):
+            return
+        # After the cutoff, bulk calls get half of what is left; then their
+        # domains ask libvirt on their own, in time for the deadline. (A QEMU
+        # that stops between its QMP read and the bulk call holds that call.)
+        until = cutoff if not closed else (cutoff + deadline) / 2
+        if now >= until:
+            break
+        if not woken(wake, max(0.0, min(until - now, slow))) and time.monotonic() - start >= slow:
+            pool.reserve(stuck + sum(bulk.reads_running() for bulk, _ in rounds))
+    # Bulk calls still out: their domains ask libvirt on their own.
+    for (bulk, work), index in zip(rounds, where):
+        _finish(pool, bulk, work, index, bulk.abandon(), {})
+
+
+def _finish(
+    pool: WorkerPool,
+    bulk: "BulkRound",
+    work: List[Work],
+    index: Dict[str, int],
+    readings: List[Reading],
+    records: Dict[str, DomainRecord],
+) -> None:
+    """Finish readings in the workers, with their bulk call's records (none: each asks libvirt)."""
+    for reading in readings:
+        i = index[reading.guest.uuid]
+        entry, _ = work[i]
+        record = records.get(reading.guest.uuid)
+        client = bulk.client
+        entry.pending = pool.submit(client.host.leased, client.finish_sample, reading, record)
+        work[i] = (entry, entry.pending)
