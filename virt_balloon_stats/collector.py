@@ -16,6 +16,13 @@ What it guarantees, and how:
   (at most one per domain), and adds one spare thread per stuck call up to
   a fixed limit, so threads never pile up; when QEMU moves again the call
   returns and the domain is read as usual from the next cycle.
+* **Isolation.** Every call that names a domain runs on a lane, a
+  connection of its own carrying one call at a time
+  (:mod:`virt_balloon_stats.lanes`); the cycle's calls are scheduled by
+  :mod:`virt_balloon_stats.rounds`. A call stuck on a stopped QEMU holds
+  its lane and nothing else: libvirt's client can lose the wake-up of a
+  call queued behind it on a shared connection, and libvirtd serves only
+  five calls per connection at once.
 * **No repeated work.** State and libvirt's figures for all domains come
   from one bulk ``virDomainListGetStats`` call per host and cycle (``NOWAIT``,
   so a busy QEMU costs only its own balloon part). Domain XML is parsed once
