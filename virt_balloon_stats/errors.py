@@ -16,6 +16,7 @@ translates it once, by error code.
      |    +-- OperationDenied       read-only connection or insufficient rights
      |    +-- UnsupportedHypervisor the connection is not to the QEMU driver
      |    +-- OperationTimedOut     libvirt gave up waiting (e.g. a hung QEMU)
+     |    +-- TooManyCallsStuck     calls stuck on hung QEMUs reached the limit; not sent
      +-- QMPFailure
      |    +-- CommandNotAllowed     not on the allowlist; never sent
      |    +-- QMPExecuteError       QEMU answered with an ``error`` member
@@ -40,6 +41,7 @@ __all__ = [
     "OperationDenied",
     "UnsupportedHypervisor",
     "OperationTimedOut",
+    "TooManyCallsStuck",
     "QMPFailure",
     "CommandNotAllowed",
     "QMPExecuteError",
@@ -128,6 +130,16 @@ class UnsupportedHypervisor(LibvirtFailure):
 
 class OperationTimedOut(LibvirtFailure):
     """libvirt timed out, e.g. waiting on a QEMU that does not answer."""
+
+
+class TooManyCallsStuck(LibvirtFailure):
+    """The call was not sent: as many calls as this client allows itself are running, stuck.
+
+    Each call still running holds one of libvirtd's worker threads
+    (``max_workers``, 20 by default, shared by every client), so a collector
+    bounds its own calls in flight and waits for one to return rather than
+    take libvirtd's last workers from virsh and the other clients.
+    """
 
 
 class QMPFailure(BalloonStatsError):

@@ -47,7 +47,20 @@ import threading
 import time
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
-__all__ = ["Lane", "Lanes", "LaneStats"]
+from virt_balloon_stats.errors import TooManyCallsStuck
+
+__all__ = ["MAX_CALLS", "LEASE_WAIT", "Lane", "Lanes", "LaneStats"]
+
+#: Calls in flight per URI, at most: 8 workers and 3 bulk calls at full
+#: speed, and room for 5 stuck calls before a new call has to wait. Each
+#: call running holds one of libvirtd's worker threads (``max_workers``, 20
+#: by default, shared by every client): with this bound, calls stuck on
+#: hung QEMUs never take more than 16 of them, and virsh and the other
+#: clients keep the rest.
+MAX_CALLS = 16
+
+#: Seconds a task waits for a lane when :data:`MAX_CALLS` are running.
+LEASE_WAIT = 2.0
 
 #: How a domain is keyed in a lane: (UUID, id), which changes when it restarts.
 Key = Tuple[str, Optional[int]]
@@ -128,6 +141,9 @@ class Lanes:
         looked up on its own).
     :param keep: Idle lanes kept open for the next tasks; more are closed
         as their calls return (a burst of stuck calls leaves nothing behind).
+    :param limit: Calls in flight at most (see :data:`MAX_CALLS`).
+    :param wait: Seconds a lease waits for a call to return when ``limit``
+        are running, before it gives up with :class:`TooManyCallsStuck`.
     """
 
     def __init__(
@@ -137,10 +153,14 @@ class Lanes:
         *,
         lister: Optional[Callable[[Any], Dict[Key, Any]]] = None,
         keep: int = 11,
+        limit: int = MAX_CALLS,
+        wait: float = LEASE_WAIT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if keep < 0:
-            raise ValueError(f"keep must be 0 or more, not {keep}")
+        if keep < 0 or limit < 1:
+            raise ValueError(f"need keep >= 0 and limit >= 1, not keep={keep} limit={limit}")
+        self.limit = limit
+        self.wait = wait
         self._opener = opener
         self._closer = closer
         self.lister = lister
@@ -149,9 +169,11 @@ class Lanes:
         self.keep = keep
         self._clock = clock
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)  # a busy lane came back
         self._idle: List[Lane] = []
         self._busy: List[Lane] = []
         self._numbers = 0
+        self._opening = 0  # lanes being opened: they count as busy
         self._closed = False
         self._retained: Optional[FrozenSet[Key]] = None
 
@@ -166,6 +188,7 @@ class Lanes:
     def lease(self) -> Iterator[Lane]:
         """Run the block's calls in a lane of their own; the lane serves again when the block ends.
 
+        :raise TooManyCallsStuck: When ``limit`` calls stay running for ``wait`` seconds.
         :raise: Whatever ``opener`` raises when no idle lane is left and a
             new connection cannot be opened.
         """
@@ -186,6 +209,14 @@ class Lanes:
 
     def _take(self) -> Lane:
         with self._lock:
+            if self._running() >= self.limit and not self._freed.wait_for(
+                lambda: self._running() < self.limit or self._closed, self.wait
+            ):
+                raise TooManyCallsStuck(
+                    f"not sent: {len(self._busy)} libvirt calls on this connection are still running,"
+                    " stuck on QEMUs that do not answer; they hold libvirtd worker threads, and the"
+                    " rest are left to other clients; see the domains reported unresponsive"
+                )
             if self._closed:
                 raise RuntimeError("the lanes are closed")
             if self._idle:
@@ -195,10 +226,18 @@ class Lanes:
                 return lane
             self._numbers += 1
             number = self._numbers
-        conn = self._opener()  # outside the lock: opening is a round trip
+            self._opening += 1
+        try:
+            conn = self._opener()  # outside the lock: opening is a round trip
+        except BaseException:
+            with self._lock:
+                self._opening -= 1
+                self._freed.notify()
+            raise
         lane = Lane(conn, number, self)
         lane.since = self._clock()
         with self._lock:
+            self._opening -= 1
             closed = self._closed
             if not closed:
                 self._busy.append(lane)
@@ -207,9 +246,14 @@ class Lanes:
             raise RuntimeError("the lanes are closed")
         return lane
 
+    def _running(self) -> int:
+        """Calls in flight, and lanes being opened for one; the caller holds the lock."""
+        return len(self._busy) + self._opening
+
     def _give_back(self, lane: Lane) -> None:
         with self._lock:
             self._busy.remove(lane)
+            self._freed.notify()
             lane.since = None
             close = self._closed or len(self._idle) >= self.keep
             if not close:
@@ -252,6 +296,7 @@ class Lanes:
         """Close the idle lanes now, and each busy one when its call returns (a stuck call may never)."""
         with self._lock:
             self._closed = True
+            self._freed.notify_all()
             idle, self._idle = self._idle, []
         for lane in idle:
             self._closer(lane.conn)
