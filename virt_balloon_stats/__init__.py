@@ -11,10 +11,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below, for type checkers; at run time they load on first use
-    from virt_balloon_stats.client import BalloonStats
     from virt_balloon_stats.collector import Collector, Cycle, HostState, Problem
     from virt_balloon_stats.crosscheck import CrossCheck, Result, Verdict
     from virt_balloon_stats.domxml import BalloonDevice
+    from virt_balloon_stats.facade import BalloonStats
     from virt_balloon_stats.formats import human_bytes
     from virt_balloon_stats.errors import (
         BalloonStatsError,
@@ -88,7 +88,7 @@ __all__ = [
 #: Where each public name lives. Importing the package loads none of them:
 #: a command that needs two modules does not pay for the other ten.
 _LAZY = {
-    "BalloonStats": "virt_balloon_stats.client",
+    "BalloonStats": "virt_balloon_stats.facade",
     "Collector": "virt_balloon_stats.collector",
     "Cycle": "virt_balloon_stats.collector",
     "HostState": "virt_balloon_stats.collector",

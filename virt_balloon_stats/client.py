@@ -10,8 +10,12 @@ Example, a sysadmin's script::
     from virt_balloon_stats import BalloonStats
 
     with BalloonStats.open() as client:
-        for sample in client.sample_many():
-            print(sample.domain, sample.get("stat-free-memory"), sample.status.value)
+        sample = client.sample("web1", timeout=5)
+        print(sample.domain, sample.get("stat-free-memory"), sample.status.value)
+
+Many domains at once are the collector's, one layer up: the package's
+``BalloonStats`` (:mod:`virt_balloon_stats.facade`) is this class plus
+``sample_many()``, a collector cycle over its connection.
 """
 
 from __future__ import annotations
@@ -20,14 +24,13 @@ import contextlib
 import dataclasses
 import threading
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from virt_balloon_stats.crosscheck import CrossCheck, Result, crosscheck, skipped
 from virt_balloon_stats.domxml import BalloonDevice, parse_balloon
 from virt_balloon_stats.errors import (
     BalloonStatsError,
     ConnectionFailed,
-    DomainNotFound,
     InvalidArgument,
     NoBalloonDevice,
     QMPBadReply,
@@ -57,14 +60,17 @@ __all__ = ["BalloonStats", "DomainMemo", "Reading", "GuestRef", "DEFAULT_REFRESH
 #: A domain given as a looked-up :class:`Guest` or as virsh names it.
 GuestRef = Union[Guest, str]
 
+#: :meth:`BalloonStats.open` and ``with`` give back the class they are called on.
+_Self = TypeVar("_Self", bound="BalloonStats")
+
 #: How many times to re-read both sides when the guest answered in between.
 CROSSCHECK_ATTEMPTS = 3
 
-#: Worker threads of a collector (and :meth:`BalloonStats.sample_many`): QMP
-#: calls to different domains run in parallel inside libvirtd, which serves 5
-#: requests per client at once and queues the rest, so a request is ready the
-#: moment one ends. On the testbed (2 cores, 30 domains) 8 threads made a
-#: steady cycle 2 to 3 % faster than 4, and 3 slower than 4 by 5 %.
+#: Worker threads of a collector: QMP calls to different domains run in
+#: parallel inside libvirtd, which serves 5 requests per client at once and
+#: queues the rest, so a request is ready the moment one ends. On the testbed
+#: (2 cores, 30 domains) 8 threads made a steady cycle 2 to 3 % faster than 4,
+#: and 3 slower than 4 by 5 %.
 DEFAULT_WORKERS = 8
 
 #: Seconds a one-shot reading waits for a domain before calling it unresponsive.
@@ -130,8 +136,12 @@ class BalloonStats:
 
     @classmethod
     def open(
-        cls, uri: Optional[str] = None, *, readonly: bool = False, grace: float = DEFAULT_GRACE_SECONDS
-    ) -> "BalloonStats":
+        cls: Type[_Self],
+        uri: Optional[str] = None,
+        *,
+        readonly: bool = False,
+        grace: float = DEFAULT_GRACE_SECONDS,
+    ) -> _Self:
         """Connect as virsh would (``LIBVIRT_DEFAULT_URI``, else ``qemu:///system``).
 
         :raise ConnectionFailed: When libvirt cannot connect.
@@ -142,7 +152,7 @@ class BalloonStats:
         """Close the libvirt connection."""
         self.host.close()
 
-    def __enter__(self) -> "BalloonStats":
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -542,41 +552,6 @@ class BalloonStats:
                 break
         assert libvirt_stats is not None
         return path, stats, libvirt_stats, check
-
-    def sample_many(
-        self,
-        refs: Optional[Sequence[GuestRef]] = None,
-        source: str = "both",
-        *,
-        workers: int = DEFAULT_WORKERS,
-        timeout: Optional[float] = None,
-    ) -> List[Sample]:
-        """Sample several domains (every running one when ``refs`` is ``None``), in parallel.
-
-        One collector cycle (:class:`~virt_balloon_stats.collector.Collector`)
-        over this connection: libvirt's figures and states for all domains
-        come from one bulk call with ``NOWAIT``, and a domain whose QEMU has
-        not answered within ``timeout`` seconds is reported ``unresponsive``
-        instead of holding up the others. Results come back in the order
-        asked (by name for every running domain).
-
-        :raise InvalidArgument: For a bad source, ``workers`` or ``timeout``.
-        """
-        # The collector is the layer above this one; imported here so that
-        # importing the client does not pull it in.
-        from virt_balloon_stats.collector import Collector
-
-        collector = Collector(
-            clients=[self], domains=refs, source=source, workers=workers, timeout=timeout, events=False
-        )
-        try:
-            cycle = collector.collect()
-        finally:
-            collector.stop(close=False)
-        for problem in cycle.problems:
-            if isinstance(problem.error, DomainNotFound) or refs is None:
-                raise problem.error
-        return list(cycle.samples)
 
 
 def _shortened(before: Optional[int], after: Optional[int], interval: Optional[int]) -> bool:

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.ci import unavailable
 from tests.integration.conftest import TCP_URI, URI, wait_for
-from virt_balloon_stats.cli import DEFAULT_ENABLE_PERIOD
+from virt_balloon_stats.cli.control import DEFAULT_ENABLE_PERIOD
 
 CLI = shutil.which("virt-balloon-stats") or str(Path(sys.executable).parent / "virt-balloon-stats")
 COMMANDS = ("stats", "period", "enable", "disable", "path", "check", "watch", "rearm")

@@ -7,14 +7,19 @@ reading fails, which is enough for what is checked here.
 
 from __future__ import annotations
 
+import argparse
 import gc
+import importlib
 import io
 import shutil
-from typing import Iterator, List
+import subprocess
+import sys
+from typing import Any, Iterator, List
+from unittest import mock
 
 import pytest
 
-from virt_balloon_stats.cli import _columns, main
+from virt_balloon_stats.cli import COMMANDS, _columns, build_parser, main
 
 TEST_URI = "test:///default"
 
@@ -60,3 +65,42 @@ def test_help_is_as_wide_as_argparse_would_make_it(monkeypatch, capsys, columns)
     assert len(options) > 10
     assert max(len(line) for line in options) <= width - 2
     assert max(len(line) for line in options) > min(width, 80) - 2 - 10  # the room is used
+
+
+def test_every_command_is_in_the_table_and_its_family_builds_it():
+    """A command a family adds but the table lacks would never be built: each family adds its table rows."""
+    for family in set(COMMANDS.values()):
+        added: List[str] = []
+
+        def command(name: str, *args: Any, **kwargs: Any) -> Any:
+            added.append(name)
+            return mock.Mock(spec=argparse.ArgumentParser)
+
+        importlib.import_module(f"virt_balloon_stats.cli.{family}").add_parsers(command)
+        assert added == [name for name, f in COMMANDS.items() if f == family]
+
+
+def test_help_lists_the_commands_in_the_tables_order():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(COMMANDS)
+
+
+def test_a_one_shot_command_imports_its_own_family_and_no_collector():
+    """What a one-domain ``stats`` loads: no other command family, no collector (the cold start)."""
+    code = (
+        "import io, sys\n"
+        "from virt_balloon_stats.cli import main\n"
+        f"main(['-c', '{TEST_URI}', 'stats', 'test'], out=io.StringIO(), err=io.StringIO())\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('virt_balloon_stats'))))\n"
+    )
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split())
+    assert "virt_balloon_stats.cli.reads" in loaded
+    assert loaded.isdisjoint(
+        {
+            "virt_balloon_stats.cli.control",
+            "virt_balloon_stats.cli.long_running",
+            "virt_balloon_stats.collector",
+            "virt_balloon_stats.facade",
+            "virt_balloon_stats.nagios",
+        }
+    )

@@ -430,18 +430,6 @@ def test_rearm_with_polling_disabled_is_refused():
     assert w.transport.commands("qom-set") == []
 
 
-# -- many domains ---------------------------------------------------------------
-
-#: One of each status the clock does not decide, plus one fresh domain: a single
-#: clock cannot make the recordings of different moments all fresh (or all stale).
-MANY = ["virtio-hog", "nostats", "nodriver", "noos", "paused", "none"]
-
-
-def _many(**kwargs):
-    fixtures = [load(n) for n in MANY]
-    return World(fixtures, now=now_for(fixtures[0]), **kwargs), fixtures
-
-
 # -- one domain within a deadline ---------------------------------------------------------------
 
 
@@ -490,71 +478,6 @@ def test_sample_within_a_deadline_raises_what_sample_raises():
         w.client.sample("no-such-domain", timeout=5)
 
 
-def test_sample_many_makes_one_bulk_call_for_all_domains():
-    """N domains: one domainListGetStats (NOWAIT), results in the order asked."""
-    w, fixtures = _many()
-    names = [f["domain"]["name"] for f in fixtures]
-    samples = w.client.sample_many(names)
-    calls = w.conn.calls_to("domainListGetStats")
-    assert len(calls) == 1
-    assert len(calls[0][0]) == len(fixtures)
-    assert calls[0][2] & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-    assert [s.domain for s in samples] == names
-    assert w.client.rpc_counts["domainListGetStats"] == 1
-
-
-def test_sample_many_statuses():
-    """Each domain keeps its own status when sampled together (in a thread pool)."""
-    w, fixtures = _many()
-    samples = w.client.sample_many([f["domain"]["name"] for f in fixtures])
-    assert {s.domain: s.status.value for s in samples} == {
-        f["domain"]["name"]: EXPECTED_STATUS[f["scenario"]] for f in fixtures
-    }
-
-
-@pytest.mark.parametrize("name", [n for n in MANY if n != "none"])
-def test_sample_many_uses_the_bulk_figures(name):
-    """A domain the bulk call covered needs no memoryStats() of its own."""
-    w, fixtures = _many()
-    w.client.sample_many([f["domain"]["name"] for f in fixtures])
-    dom = next(d for d in w.domains if d.fixture["scenario"] == name)
-    assert dom.calls_to("memoryStats") == []
-
-
-def test_sample_many_busy_domain_falls_back_to_its_own_memory_stats():
-    """NOWAIT leaves a busy domain without figures; only that domain calls memoryStats()."""
-    fixtures = [load("virtio"), load("virtio-hog")]
-    busy = fixtures[1]["domain"]["uuid"]
-    w = World(fixtures, busy=[busy], now=now_for(fixtures[0]))
-    samples = w.client.sample_many([f["domain"]["name"] for f in fixtures])
-    assert [len(d.calls_to("memoryStats")) for d in w.domains] == [0, 1]
-    assert all(s.crosscheck.result is Result.AGREE for s in samples)
-
-
-def test_sample_many_without_names_samples_every_running_domain():
-    """No names: listAllDomains(ACTIVE), sorted by name."""
-    w, fixtures = _many()
-    samples = w.client.sample_many()
-    assert [s.domain for s in samples] == sorted(f["domain"]["name"] for f in fixtures)
-    assert w.conn.calls_to("listAllDomains") == [(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE,)]
-
-
-def test_sample_many_source_qmp_asks_the_bulk_call_for_states_only():
-    """With QMP alone, the bulk call carries the states (no state() per domain), no balloon figures."""
-    w, fixtures = _many()
-    w.client.sample_many([f["domain"]["name"] for f in fixtures], source="qmp")
-    [(_doms, stats, _flags)] = w.conn.calls_to("domainListGetStats")
-    assert stats == libvirt.VIR_DOMAIN_STATS_STATE
-    assert all(d.calls_to("memoryStats") == [] and d.calls_to("state") == [] for d in w.domains)
-
-
-def test_sample_many_refuses_zero_workers():
-    """At least one worker."""
-    w, _ = _many()
-    with pytest.raises(InvalidArgument):
-        w.client.sample_many(workers=0)
-
-
 def test_negative_grace_is_refused():
     """grace is seconds of slack, never negative."""
     w = world("virtio")
@@ -568,27 +491,6 @@ def test_client_closes_its_connection():
     with w.client as client:
         assert client is w.client
     assert w.conn.closed
-
-
-def test_sample_many_of_an_empty_list_samples_nothing():
-    """An empty list is no domain, never "every domain" (names that all failed to resolve)."""
-    w, _ = _many()
-    assert w.client.sample_many([]) == []
-    assert w.conn.calls == []
-    assert w.transport.sent == []
-
-
-def test_sample_many_of_every_domain_forgets_paths_of_domains_gone():
-    """Sampling every running domain drops cached QOM paths of domains that went away."""
-    fixtures = [load("virtio"), load("transitional")]
-    w = World(fixtures, now=now_for(fixtures[0]))
-    gone, kept = w.guest(0), w.guest(1)
-    w.client.sample_many()
-    assert w.client.paths.get(gone) is not None
-    w.conn.domains.remove(w.domains[0])
-    w.client.sample_many()
-    assert w.client.paths.get(gone) is None
-    assert w.client.paths.get(kept).path == fixtures[1]["balloon_path"]
 
 
 def test_to_dict_sampled_at_is_the_pinned_clock():

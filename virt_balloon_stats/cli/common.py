@@ -1,0 +1,297 @@
+"""What every command shares: :class:`Run`, the options, and what a command declares to the dispatch.
+
+:class:`Run` is one invocation: the parsed options, where to write, and
+the failures so far (one stderr line each). The ``add_*`` functions add the
+options several commands take, each with its help text and default; a
+command's own options stay in its family's module. :class:`AddCommand` is
+how a family's ``add_parsers`` adds a command, and says what the dispatch
+checks for it (the ``--format`` values it prints, whether it needs a
+read-write connection, whether it runs until stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol, Set, TextIO, Tuple
+
+from virt_balloon_stats.client import DEFAULT_TIMEOUT, BalloonStats
+from virt_balloon_stats.errors import BalloonStatsError
+from virt_balloon_stats.host import Guest, default_uri
+from virt_balloon_stats.sample import SOURCES
+from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS
+
+if TYPE_CHECKING:  # imported where used: a one-domain reading needs no collector
+    from virt_balloon_stats.collector import Collector, Cycle
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
+    "FORMATS",
+    "TABLE_AND_JSON",
+    "OWN_OUTPUT",
+    "UsageError",
+    "Run",
+    "AddCommand",
+    "add_common",
+    "add_domains",
+    "add_source",
+    "add_grace",
+    "add_timeout",
+    "seconds",
+    "positive",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: Every ``--format``; each command declares the ones it prints.
+FORMATS = ("table", "json", "prometheus")
+TABLE_AND_JSON = ("table", "json")
+#: A command that prints its own output (a check line, a live view, JSON
+#: Lines, a server) takes no ``--format``.
+OWN_OUTPUT = ("table",)
+
+
+class UsageError(Exception):
+    """A command line that cannot be acted on; exit 2."""
+
+
+class Run:
+    """What one invocation needs: the parsed options, where to write, and how it went so far.
+
+    A plain class: a dataclass writes its methods with ``exec()`` when it is
+    defined, which every command's start-up would pay for.
+    """
+
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.failed = False
+        self.first_error = ""
+        self.hosts: Dict[str, bool] = {}
+
+    @property
+    def uris(self) -> List[str]:
+        return list(self.args.connect or [default_uri()])
+
+    @property
+    def several_hosts(self) -> bool:
+        return len(self.uris) > 1
+
+    def report(self, what: str, uri: str, error: BalloonStatsError) -> None:
+        """One line on stderr for one failing domain (or host)."""
+        self.failed = True
+        where = f" ({uri})" if self.several_hosts else ""
+        line = f"{what}{where}: {error}"
+        self.first_error = self.first_error or line
+        self.err.write(line + "\n")
+        if self.args.debug:
+            import traceback
+
+            traceback.print_exception(type(error), error, error.__traceback__, file=self.err)
+
+    def clients(self) -> Iterator[BalloonStats]:
+        """Open each ``-c`` URI in turn; a host that fails is reported and skipped."""
+        for uri in self.uris:
+            try:
+                client = BalloonStats.open(
+                    uri, readonly=self.args.readonly, grace=getattr(self.args, "grace", DEFAULT_GRACE_SECONDS)
+                )
+            except BalloonStatsError as err:
+                self.hosts[uri] = False
+                self.report(uri, uri, err)
+                continue
+            self.hosts[uri] = True
+            try:
+                yield client
+            finally:
+                client.close()
+
+    def guests(self, client: BalloonStats) -> List[Guest]:
+        """The domains named on the command line, or every running one with ``--all``.
+
+        Names that do not resolve are reported and left out; when none
+        resolves the list is empty, and nothing is done.
+        """
+        if getattr(self.args, "all", False):
+            try:
+                return client.guests()
+            except BalloonStatsError as err:
+                self.report(client.host.uri, client.host.uri, err)
+                return []
+        found = []
+        for spec in self.args.domains:
+            try:
+                found.append(client.guest(spec))
+            except BalloonStatsError as err:
+                self.report(spec, client.host.uri, err)
+        return found
+
+    def collector(
+        self, *, events: bool = False, timeout: Optional[float] = None, log_changes: bool = False
+    ) -> Collector:
+        """The collector over the command's URIs and domains (every running one with ``--all``).
+
+        Its log goes to stderr: the long-running services (``log_changes``)
+        log their state changes, one line each and not per cycle; the other
+        commands only warnings, or everything with ``--debug``.
+        """
+        import logging
+
+        from virt_balloon_stats.collector import Collector
+
+        args = self.args
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.INFO if log_changes else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        return Collector(
+            self.uris,
+            domains=None if getattr(args, "all", False) else args.domains,
+            source=getattr(args, "source", "both"),
+            timeout=timeout or args.timeout,
+            events=events,
+            readonly=args.readonly,
+            grace=getattr(args, "grace", DEFAULT_GRACE_SECONDS),
+            log_changes=log_changes,
+        )
+
+    def report_cycle(self, cycle: Cycle, reported: Optional[Set[Tuple[str, str, str]]] = None) -> None:
+        """One stderr line per failure of the cycle; ``reported`` keeps a long run from repeating them."""
+        for problem in cycle.problems:
+            key = (problem.what, problem.uri, str(problem.error))
+            if reported is None or key not in reported:
+                self.report(problem.what, problem.uri, problem.error)
+                if reported is not None:
+                    reported.add(key)
+        for uri, state in cycle.hosts.items():
+            self.hosts[uri] = state.up
+        if reported is None:
+            for s in cycle.samples:
+                if s.error is not None:
+                    self.report(s.domain, s.uri, s.error)
+
+    def write(self, text: str) -> None:
+        if text:
+            self.out.write(text if text.endswith("\n") else text + "\n")
+
+
+class AddCommand(Protocol):
+    """Adds one command's parser, with the options every command takes, and returns it.
+
+    :param formats: The ``--format`` values the command prints;
+        :data:`OWN_OUTPUT` when it takes none.
+    :param read_write: It needs a read-write connection (``-r`` is refused).
+    :param long_running: It runs until stopped (the cyclic garbage
+        collector is turned back on before it starts).
+    """
+
+    def __call__(
+        self,
+        name: str,
+        func: Callable[[Run], int],
+        help_text: str,
+        description: str,
+        *,
+        examples: Tuple[str, ...],
+        formats: Tuple[str, ...] = TABLE_AND_JSON,
+        read_write: bool = False,
+        long_running: bool = False,
+    ) -> argparse.ArgumentParser: ...
+
+
+# -- options ------------------------------------------------------------------
+
+
+def add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options accepted before and after the subcommand, as virsh users expect."""
+    default = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    parser.add_argument(
+        "-c",
+        "--connect",
+        # After the subcommand, a separate list: argparse would otherwise
+        # replace the URIs given before it instead of adding to them.
+        dest="connect_after" if suppress else "connect",
+        action="append",
+        metavar="URI",
+        default=default(None),
+        help="libvirt URI; repeat for several hosts (default: $LIBVIRT_DEFAULT_URI, " "else qemu:///system)",
+    )
+    parser.add_argument(
+        "-r",
+        "--readonly",
+        action="store_true",
+        default=default(False),
+        help="read-only connection (only --source libvirt works then)",
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, default=default("table"), help="output format (prometheus: stats only)"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=default(False), help="show tracebacks and debug logging"
+    )
+
+
+def add_domains(
+    parser: argparse.ArgumentParser, all_allowed: bool = True, *, all_unless_named: bool = False
+) -> None:
+    """DOMAIN... and ``--all``; with ``all_unless_named``, naming no domain means every running one."""
+    parser.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain name, UUID or id")
+    if all_allowed:
+        # None: not given, which the dispatch turns into True when no domain is named.
+        default = None if all_unless_named else False
+        parser.add_argument("--all", action="store_true", default=default, help="every running domain")
+
+
+def add_source(parser: argparse.ArgumentParser, default: str = "both") -> None:
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default=default,
+        help="qmp: QEMU via the passthrough (taints the domain as custom-monitor); "
+        "libvirt: memoryStats only, works read-only; both: cross-checked "
+        f"(default: {default})",
+    )
+
+
+def add_grace(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--grace",
+        type=seconds,
+        default=DEFAULT_GRACE_SECONDS,
+        metavar="S",
+        help="seconds beyond 2 x interval before figures count as stale "
+        f"(default: {DEFAULT_GRACE_SECONDS})",
+    )
+
+
+def add_timeout(parser: argparse.ArgumentParser, default: Optional[float] = DEFAULT_TIMEOUT) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=positive,
+        default=default,
+        metavar="S",
+        help="seconds to wait for each domain's QEMU before calling it unresponsive "
+        + (f"(default: {default:g})" if default else "(default: the --interval)"),
+    )
+
+
+def seconds(text: str, *, zero: bool = True) -> float:
+    """A finite number of seconds, 0 or more (``--grace``); NaN and infinity are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    in_range = value >= 0 if zero else value > 0
+    if not in_range or not math.isfinite(value):
+        least = "0 or more" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"must be {least} seconds, not {text}")
+    return value
+
+
+def positive(text: str) -> float:
+    """More than 0 seconds, finite (timeouts, intervals, ``--max-age``)."""
+    return seconds(text, zero=False)

@@ -1,0 +1,257 @@
+"""The long-running commands: ``watch``, ``stream`` and ``exporter``.
+
+Each drives a long-running collector: libvirt's events keep its caches, a
+hung QEMU costs only its own row, line or metric, and a lost connection is
+retried while the output says so. A failure is reported once, not every cycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, List, Set, Tuple
+
+from virt_balloon_stats.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    OWN_OUTPUT,
+    AddCommand,
+    Run,
+    UsageError,
+    add_domains,
+    add_grace,
+    add_source,
+    add_timeout,
+    positive,
+)
+from virt_balloon_stats.errors import BalloonStatsError
+
+if TYPE_CHECKING:
+    from virt_balloon_stats.collector import Cycle
+
+__all__ = ["add_parsers", "cmd_watch", "cmd_stream", "cmd_exporter"]
+
+#: The exporter's default port (kept in step with ``exporter.DEFAULT_PORT``,
+#: which needs prometheus_client to import).
+_EXPORTER_PORT = 9474
+
+
+def cmd_watch(run: Run) -> int:
+    """Redraw a live view every ``--interval`` seconds until Ctrl-C.
+
+    A long-running collector: libvirt's events keep its caches, a hung QEMU
+    costs only its own row, and a lost connection is retried while its rows
+    and the header say so.
+    """
+    from virt_balloon_stats.watch import Tracker, render_frame
+
+    args = run.args
+    tty = run.out.isatty()
+    tracker = Tracker()
+    collector = run.collector(events=True, timeout=args.timeout or args.interval)
+    reported: Set[Tuple[str, str, str]] = set()
+    frames: List[Cycle] = []
+
+    def show(cycle: Cycle) -> None:
+        run.report_cycle(cycle, reported)
+        if not frames and not cycle.samples and (
+            not any(h.up for h in cycle.hosts.values()) or (not args.all and cycle.problems)
+        ):
+            # Nothing to show: no host answers, or no named domain resolved.
+            collector.request_stop()
+            return
+        for s in cycle.samples:
+            tracker.update(s)
+        frame = render_frame(
+            cycle.samples, tracker, time.time(), show_uri=run.several_hosts, hosts=cycle.hosts.values()
+        )
+        if tty and not frames:
+            run.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide cursor
+        frames.append(cycle)
+        run.out.write(("\x1b[H\x1b[J" + frame + "\n") if tty else frame + "\n\n")
+        run.out.flush()
+
+    try:
+        collector.run(args.interval, show, count=args.count)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if tty and frames:
+            run.out.write("\x1b[?25h\x1b[?1049l")  # cursor back, leave the alternate screen
+            run.out.flush()
+        collector.stop()
+    return EXIT_FAILED if run.failed or not frames else EXIT_OK
+
+
+def cmd_stream(run: Run) -> int:
+    """JSON Lines: one document per domain per cycle, until SIGTERM, Ctrl-C or a closed pipe."""
+    import signal
+
+    from virt_balloon_stats.stream import JsonLines
+
+    args = run.args
+    collector = run.collector(events=True, timeout=args.timeout or args.interval, log_changes=True)
+    lines = JsonLines(collector, run.out)
+    reported: Set[Tuple[str, str, str]] = set()
+
+    def on_cycle(cycle: Cycle) -> None:
+        run.report_cycle(cycle, reported)
+        lines(cycle)
+
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: collector.request_stop())
+    try:
+        collector.run(args.interval, on_cycle, count=args.count)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        collector.stop()
+    if lines.closed:
+        # The reader went away: that is how a pipe ends. Whatever is left in
+        # stdout's buffer goes nowhere, so the exit does not fail on it.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), run.out.fileno())
+        return EXIT_OK
+    return EXIT_FAILED if run.failed and not lines.lines else EXIT_OK
+
+
+def cmd_exporter(run: Run) -> int:
+    """Serve Prometheus metrics from a background collector until SIGTERM or Ctrl-C."""
+    import logging
+    import signal
+
+    from virt_balloon_stats import exporter as exporter_mod  # needs the 'exporter' extra
+
+    args = run.args
+    if args.hash_password:
+        password = sys.stdin.readline().rstrip("\n")
+        if not password:
+            raise UsageError("give the password on stdin")
+        run.write(exporter_mod.hash_password(password))
+        return EXIT_OK
+    config = exporter_mod.ExporterConfig(
+        listen=args.listen,
+        interval=args.interval,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        basic_auth_file=args.basic_auth_file,
+    )
+    collector = run.collector(events=True, timeout=args.timeout or args.interval, log_changes=True)
+    exporter = exporter_mod.Exporter(collector, config)
+    done = threading.Event()
+
+    log = logging.getLogger("virt_balloon_stats.cli")  # the command line's: the name its lines carry in logs
+
+    def reload(_signum: int, _frame: object) -> None:
+        try:
+            exporter.reload()
+            log.info("reloaded the TLS certificate and the basic-auth file")
+        except BalloonStatsError as err:
+            log.error("reload failed, keeping the old ones: %s", err)
+
+    handlers = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda _signum, _frame: done.set()),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda _signum, _frame: done.set()),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, reload),
+    }
+    try:
+        exporter.start()
+        while not done.wait(1.0):
+            pass
+    finally:
+        exporter.stop()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
+
+
+def add_parsers(command: AddCommand) -> None:
+    """``watch``, ``stream`` and ``exporter``, with their options."""
+    p = command(
+        "watch",
+        cmd_watch,
+        "live view with rates and trends",
+        "Redraw a table every --interval seconds: free and available memory with a small "
+        "trend, faults and swap per second. On a terminal it redraws in place (plain ANSI); "
+        "otherwise it prints one block per interval. Ctrl-C quits.",
+        examples=("watch --all", "watch --interval 5 web1 db1"),
+        formats=OWN_OUTPUT,
+        long_running=True,
+    )
+    add_domains(p)
+    add_source(p)
+    add_grace(p)
+    add_timeout(p, None)
+    p.add_argument(
+        "--interval", type=positive, default=2.0, metavar="S", help="seconds between refreshes (default: 2)"
+    )
+    p.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N refreshes (default: until Ctrl-C)"
+    )
+
+    p = command(
+        "stream",
+        cmd_stream,
+        "JSON Lines, one per domain per cycle",
+        "Print one JSON document per domain (the one 'stats --format json' prints) per line, every "
+        "--interval seconds, each line flushed. A long-running collector: domains come and go, a "
+        "hung QEMU is one unresponsive line, a libvirtd restart makes unreachable lines until it "
+        "answers again. SIGTERM ends it after the current line; a closed pipe ends it with status 0.",
+        examples=("stream --all --interval 10", "stream --count 1 web1 | jq .status"),
+        formats=OWN_OUTPUT,
+        long_running=True,
+    )
+    add_domains(p)
+    add_source(p)
+    add_grace(p)
+    p.add_argument(
+        "--interval", type=positive, default=10.0, metavar="S", help="seconds between cycles (default: 10)"
+    )
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N cycles (default: never)")
+    add_timeout(p, None)
+
+    p = command(
+        "exporter",
+        cmd_exporter,
+        "Prometheus exporter",
+        "Collect every --interval seconds in the background and serve the last cycle at /metrics; a "
+        "scrape never waits on libvirt. Listens on loopback unless --listen says otherwise. Without "
+        "DOMAIN, every running domain. SIGTERM stops it; SIGHUP re-reads the TLS certificate and "
+        "the basic-auth file.",
+        examples=(
+            "exporter",
+            "exporter --listen [::1]:9474 --interval 30",
+            "exporter --listen 0.0.0.0:9474 --tls-cert cert.pem --tls-key key.pem --basic-auth-file users",
+            "exporter --hash-password < password.txt",
+        ),
+        formats=OWN_OUTPUT,
+        long_running=True,
+    )
+    add_domains(p, all_unless_named=True)
+    add_source(p)
+    add_grace(p)
+    p.add_argument(
+        "--listen",
+        default=f"127.0.0.1:{_EXPORTER_PORT}",
+        metavar="HOST:PORT",
+        help=f"address to serve on, [IPV6]:PORT for IPv6 (default: 127.0.0.1:{_EXPORTER_PORT})",
+    )
+    p.add_argument(
+        "--interval", type=positive, default=15.0, metavar="S", help="seconds between cycles (default: 15)"
+    )
+    add_timeout(p, None)
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument(
+        "--basic-auth-file",
+        metavar="PATH",
+        help="require basic auth: USER:HASH lines, HASH from --hash-password (file mode 0600)",
+    )
+    p.add_argument(
+        "--hash-password",
+        action="store_true",
+        help="read a password on stdin, print its hash for --basic-auth-file, and exit",
+    )
