@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they load o
         NoBalloonDevice,
         OperationDenied,
         OperationTimedOut,
+        TooManyCallsStuck,
         QMPBadReply,
         QMPExecuteError,
         QMPFailure,
@@ -35,7 +36,8 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they load o
         QOMPathNotFound,
         UnsupportedHypervisor,
     )
-    from virt_balloon_stats.host import Guest, Host, default_uri, silence_libvirt_stderr
+    from virt_balloon_stats.events import silence_libvirt_stderr
+    from virt_balloon_stats.host import Guest, Host, default_uri
     from virt_balloon_stats.polling import PollingState
     from virt_balloon_stats.qompath import QOMPath
     from virt_balloon_stats.sample import SOURCES, Sample
@@ -75,6 +77,7 @@ __all__ = [
     "OperationDenied",
     "UnsupportedHypervisor",
     "OperationTimedOut",
+    "TooManyCallsStuck",
     "QMPFailure",
     "CommandNotAllowed",
     "QMPExecuteError",
@@ -109,6 +112,7 @@ _LAZY = {
     "NoBalloonDevice": "virt_balloon_stats.errors",
     "OperationDenied": "virt_balloon_stats.errors",
     "OperationTimedOut": "virt_balloon_stats.errors",
+    "TooManyCallsStuck": "virt_balloon_stats.errors",
     "QMPBadReply": "virt_balloon_stats.errors",
     "QMPExecuteError": "virt_balloon_stats.errors",
     "QMPFailure": "virt_balloon_stats.errors",
@@ -118,7 +122,7 @@ _LAZY = {
     "Guest": "virt_balloon_stats.host",
     "Host": "virt_balloon_stats.host",
     "default_uri": "virt_balloon_stats.host",
-    "silence_libvirt_stderr": "virt_balloon_stats.host",
+    "silence_libvirt_stderr": "virt_balloon_stats.events",
     "PollingState": "virt_balloon_stats.polling",
     "QOMPath": "virt_balloon_stats.qompath",
     "SOURCES": "virt_balloon_stats.sample",

@@ -21,35 +21,31 @@ Many domains at once are the collector's, one layer up: the package's
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import threading
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
-from virt_balloon_stats.crosscheck import CrossCheck, Result, crosscheck, skipped
+from virt_balloon_stats.crosscheck import skipped
 from virt_balloon_stats.domxml import BalloonDevice, parse_balloon
 from virt_balloon_stats.errors import (
     BalloonStatsError,
     ConnectionFailed,
     InvalidArgument,
     NoBalloonDevice,
-    QMPBadReply,
     QMPExecuteError,
 )
 from virt_balloon_stats.host import DomainRecord, Guest, Host
 from virt_balloon_stats.polling import PollingState, validate_interval
 from virt_balloon_stats.qmp import POLLING_PROPERTY
 from virt_balloon_stats.qompath import QOMPath, QOMPathCache, by_alias
+from virt_balloon_stats.reading import DomainMemo, Identity, LibvirtSide, Reading, crosscheck_same_update
+from virt_balloon_stats.reading import interval_seconds, shortened, within
 from virt_balloon_stats.sample import SOURCES, Sample, not_read, unanswered
 from virt_balloon_stats.stats import (
     ACTUAL,
     DEFAULT_GRACE_SECONDS,
-    LAST_UPDATE,
-    RSS,
     GuestStats,
     Status,
     classify,
-    memory_stats_from_domstats,
     parse_guest_stats,
     stats_from_libvirt,
 )
@@ -63,14 +59,10 @@ GuestRef = Union[Guest, str]
 #: :meth:`BalloonStats.open` and ``with`` give back the class they are called on.
 _Self = TypeVar("_Self", bound="BalloonStats")
 
-#: How many times to re-read both sides when the guest answered in between.
-CROSSCHECK_ATTEMPTS = 3
-
 #: Worker threads of a collector: QMP calls to different domains run in
-#: parallel inside libvirtd, which serves 5 requests per client at once and
-#: queues the rest, so a request is ready the moment one ends. On the testbed
-#: (2 cores, 30 domains) 8 threads made a steady cycle 2 to 3 % faster than 4,
-#: and 3 slower than 4 by 5 %.
+#: parallel inside libvirtd, each on a connection of its own (see
+#: :mod:`~virt_balloon_stats.lanes`). On the testbed (2 cores, 30 domains) 8
+#: threads made a steady cycle 2 to 3 % faster than 4, and 3 slower than 4 by 5 %.
 DEFAULT_WORKERS = 8
 
 #: Seconds a one-shot reading waits for a domain before calling it unresponsive.
@@ -81,26 +73,6 @@ DEFAULT_TIMEOUT = 10.0
 #: The figures themselves trigger a re-read at once when a change behind our
 #: back would matter (see :class:`DomainMemo`).
 DEFAULT_REFRESH_SECONDS = 300.0
-
-
-@dataclasses.dataclass
-class DomainMemo:
-    """What a reader remembers about one incarnation (UUID and id) of a domain.
-
-    A one-shot reading starts with an empty memo; a long-running one keeps a
-    memo per domain, so that a steady reading costs one QMP call
-    (``guest-stats``). The cached interval is re-read every
-    :data:`DEFAULT_REFRESH_SECONDS`, and at once when the figures disagree
-    with it: the status would change (a disabled or lengthened interval
-    makes fresh figures look stale), or ``last-update`` moved faster than
-    the interval allows (it was shortened).
-    """
-
-    device: Optional[BalloonDevice] = None
-    interval: Optional[int] = None
-    refresh_due: float = 0.0
-    status: Optional[Status] = None
-    last_update: Optional[int] = None
 
 
 class BalloonStats:
@@ -243,7 +215,7 @@ class BalloonStats:
         if not device.present:
             raise NoBalloonDevice("the domain has no balloon device, so no stats polling", domain=guest.name)
         _, value = self._qom_get(guest, device, POLLING_PROPERTY)
-        return PollingState(qemu_interval=_interval(value, guest), libvirt_period=device.stats_period)
+        return PollingState(qemu_interval=interval_seconds(value, guest), libvirt_period=device.stats_period)
 
     def set_polling_interval(
         self,
@@ -341,19 +313,9 @@ class BalloonStats:
         if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
             raise InvalidArgument(f"timeout must be more than 0 seconds, not {timeout}")
         guest = self.guest(ref)  # a lookup in libvirtd: QEMU is not asked
-        outcome: List[Union[Sample, BaseException]] = []
-
-        def read() -> None:
-            try:
-                outcome.append(self.sample(guest, source, memo=memo))
-            except BaseException as err:  # raised again in the caller's thread
-                outcome.append(err)
-
         began = self.monotonic()
-        reader = threading.Thread(target=read, name=f"vbs-sample-{guest.name}", daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not outcome:
+        sample = within(timeout, f"vbs-sample-{guest.name}", lambda: self.sample(guest, source, memo=memo))
+        if sample is None:
             return not_read(
                 self.host.uri,
                 guest.name,
@@ -364,9 +326,7 @@ class BalloonStats:
                 status=Status.UNRESPONSIVE,
                 message=unanswered(self.monotonic() - began),
             )
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return outcome[0]
+        return sample
 
     def begin_sample(
         self,
@@ -413,8 +373,8 @@ class BalloonStats:
             it, the state and figures are asked of libvirt for this domain.
         """
         guest, memo = reading.guest, reading.memo
-        base = _Identity(self.host.uri, guest, reading.source)
-        side = _LibvirtSide(guest, record)
+        base = Identity(self.host.uri, guest, reading.source)
+        side = LibvirtSide(guest, record)
         try:
             if reading.error is not None:
                 raise reading.error
@@ -434,7 +394,7 @@ class BalloonStats:
                 error=err,
             )
 
-    def _finish(self, reading: Reading, side: "_LibvirtSide", base: "_Identity") -> Sample:
+    def _finish(self, reading: Reading, side: LibvirtSide, base: Identity) -> Sample:
         guest, memo, source = reading.guest, reading.memo, reading.source
         device = memo.device
         assert device is not None
@@ -481,13 +441,18 @@ class BalloonStats:
         check = skipped("source is qmp; the cross-check needs both")
         libvirt_stats: Optional[Mapping[str, int]] = None
         if use_libvirt:
-            path, stats, libvirt_stats, check = self._crosscheck(
-                guest, device, path, stats, checked_actual, maybe_stats
+            path, stats, libvirt_stats, check = crosscheck_same_update(
+                path,
+                stats,
+                checked_actual,
+                maybe_stats,
+                reread=lambda: self._reread_stats(guest, device),
+                libvirt=guest.memory_stats,
             )
         now = self.clock()
         status, message = self._classify(state, memo.interval, stats, now)
         if not reading.refreshed and (
-            status is not memo.status or _shortened(memo.last_update, stats.last_update, memo.interval)
+            status is not memo.status or shortened(memo.last_update, stats.last_update, memo.interval)
         ):
             # The figures say something changed: confirm against QEMU's live
             # interval, which may have been changed behind our back.
@@ -511,7 +476,7 @@ class BalloonStats:
         """Read QEMU's live polling interval into ``memo`` and schedule the next read."""
         assert memo.device is not None
         _, value = self._qom_get(guest, memo.device, POLLING_PROPERTY)
-        memo.interval = _interval(value, guest)
+        memo.interval = interval_seconds(value, guest)
         memo.refresh_due = self.monotonic() + self.refresh
 
     def _classify(
@@ -526,142 +491,6 @@ class BalloonStats:
             grace=self.grace,
         )
 
-    def _crosscheck(
-        self,
-        guest: Guest,
-        device: BalloonDevice,
-        path: QOMPath,
-        stats: GuestStats,
-        actual: Optional[int],
-        libvirt_stats: Optional[Mapping[str, int]],
-    ) -> Tuple[QOMPath, GuestStats, Mapping[str, int], CrossCheck]:
-        """Cross-check against libvirt, re-reading both until they saw the same update."""
-        check = skipped("not attempted")
-        for attempt in range(CROSSCHECK_ATTEMPTS):
-            if (
-                attempt
-                or libvirt_stats is None
-                or (libvirt_stats.get(LAST_UPDATE.libvirt or "") or None) != stats.last_update
-            ):
-                if attempt:
-                    path, value = self._qom_get(guest, device, "guest-stats")
-                    stats = parse_guest_stats(value)
-                libvirt_stats = guest.memory_stats()
-            check = crosscheck(stats, actual, libvirt_stats)
-            if check.result is not Result.INCONCLUSIVE:
-                break
-        assert libvirt_stats is not None
-        return path, stats, libvirt_stats, check
-
-
-def _shortened(before: Optional[int], after: Optional[int], interval: Optional[int]) -> bool:
-    """Whether two successive ``last-update`` values came closer than the interval allows."""
-    return bool(before and after and interval and 0 < after - before < interval)
-
-
-def _interval(value: object, guest: Guest) -> int:
-    """QEMU's ``guest-stats-polling-interval``, checked: an integer of 0 or more."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise QMPBadReply(f"{POLLING_PROPERTY} is not a number of seconds: {value!r}", domain=guest.name)
-    return value
-
-
-@dataclasses.dataclass
-class Reading:
-    """A sample half made: what :meth:`BalloonStats.begin_sample` learnt from QEMU.
-
-    Opaque to callers; hand it to :meth:`BalloonStats.finish_sample`.
-    """
-
-    guest: Guest
-    source: str
-    memo: DomainMemo
-    refreshed: bool = False
-    path: Optional[QOMPath] = None
-    stats: Optional[GuestStats] = None
-    error: Optional[BalloonStatsError] = None
-
-
-class _LibvirtSide:
-    """libvirt's view of one domain for one reading, fetched once and only when needed.
-
-    From the collector's bulk record, or else a call of this domain's own
-    (``state()``, ``memoryStats()``).
-    """
-
-    def __init__(self, guest: Guest, record: Optional[DomainRecord]) -> None:
-        self._guest = guest
-        self._state: Optional[str] = None
-        self._stats: Optional[Mapping[str, int]] = None
-        self._record = record
-
-    @property
-    def known_state(self) -> str:
-        """The state if it was learnt, without asking for it."""
-        return self._state or "unknown"
-
-    def state(self) -> str:
-        """libvirt's state word."""
-        if self._state is None:
-            record = self._record
-            if record is not None and record.state != "unknown":
-                self._state = record.state
-            else:
-                self._state = self._guest.state()
-        return self._state
-
-    def stats(self) -> Mapping[str, int]:
-        """``memoryStats()``-shaped figures."""
-        if self._stats is None:
-            record = self._record
-            converted = memory_stats_from_domstats(record.balloon) if record is not None else {}
-            # NOWAIT leaves a busy QEMU's domain with only balloon.current and
-            # balloon.maximum (from libvirt's definition): then this domain
-            # asks on its own. libvirt reports rss, and last-update when there
-            # is a balloon, only when it could ask QEMU.
-            complete = LAST_UPDATE.libvirt in converted or RSS.libvirt in converted
-            self._stats = converted if complete else self._guest.memory_stats()
-        return self._stats
-
-
-class _Identity:
-    """Who a sample is about: the fields every :class:`Sample` starts with."""
-
-    def __init__(self, uri: str, guest: Guest, source: str) -> None:
-        self.uri = uri
-        self.guest = guest
-        self.source = source
-
-    def sample(
-        self,
-        *,
-        state: str,
-        sampled_at: float,
-        status: Status,
-        message: str,
-        polling: PollingState,
-        crosscheck: CrossCheck,
-        qom_path: Optional[QOMPath] = None,
-        stats: Optional[GuestStats] = None,
-        actual_bytes: Optional[int] = None,
-        libvirt: Optional[Mapping[str, int]] = None,
-        error: Optional[BalloonStatsError] = None,
-    ) -> Sample:
-        return Sample(
-            uri=self.uri,
-            domain=self.guest.name,
-            uuid=self.guest.uuid,
-            id=self.guest.id,
-            source=self.source,
-            state=state,
-            sampled_at=sampled_at,
-            status=status,
-            message=message,
-            polling=polling,
-            crosscheck=crosscheck,
-            qom_path=qom_path,
-            stats=stats,
-            actual_bytes=actual_bytes,
-            libvirt=libvirt,
-            error=error,
-        )
+    def _reread_stats(self, guest: Guest, device: BalloonDevice) -> Tuple[QOMPath, GuestStats]:
+        path, value = self._qom_get(guest, device, "guest-stats")
+        return path, parse_guest_stats(value)

@@ -60,14 +60,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from virt_balloon_stats.client import (
-    DEFAULT_TIMEOUT,
-    DEFAULT_WORKERS,
-    BalloonStats,
-    DomainMemo,
-    GuestRef,
-    Reading,
-)
+from virt_balloon_stats.client import DEFAULT_TIMEOUT, DEFAULT_WORKERS, BalloonStats, GuestRef
 from virt_balloon_stats.errors import (
     BalloonStatsError,
     ConnectionFailed,
@@ -79,6 +72,7 @@ from virt_balloon_stats.events import EventLoopHold, HostEvent, start_event_loop
 from virt_balloon_stats.host import Guest, default_uri
 from virt_balloon_stats.lanes import LaneStats
 from virt_balloon_stats.pool import WorkerPool
+from virt_balloon_stats.reading import DomainMemo, Reading
 from virt_balloon_stats.rounds import (
     BULK_CHUNKS,
     BulkCalls,

@@ -1,4 +1,4 @@
-"""libvirt's event loop, and what its events become: the long-running side of the libvirt edge.
+"""libvirt's process-wide machinery: its event loop, what its events become, its error printing.
 
 libvirt delivers domain events, the close of a connection and keepalive
 through its default event loop, which must be registered before the
@@ -26,6 +26,7 @@ __all__ = [
     "CLOSE_REASONS",
     "start_event_loop",
     "EventLoopHold",
+    "silence_libvirt_stderr",
 ]
 
 
@@ -132,3 +133,13 @@ class EventLoopHold:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def silence_libvirt_stderr() -> None:
+    """Stop libvirt printing ``libvirt: QEMU Driver error : ...`` by itself.
+
+    libvirt's default error handler writes every error to stderr, even
+    those we catch and report better. This is process-wide, so only a
+    program's entry point (the CLI) calls it; a library must not.
+    """
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)

@@ -46,7 +46,6 @@ __all__ = [
     "Guest",
     "Host",
     "DomainRecord",
-    "silence_libvirt_stderr",
 ]
 
 #: The URI virsh uses when neither ``-c`` nor ``LIBVIRT_DEFAULT_URI`` is given
@@ -491,13 +490,3 @@ def _close_quietly(conn: Any) -> None:
 def _is_uuid(text: str) -> bool:
     """32 hex digits, hyphens allowed (what virsh takes as a UUID)."""
     return re.fullmatch(r"[0-9a-fA-F]{32}", text.replace("-", "")) is not None and len(text) in (32, 36)
-
-
-def silence_libvirt_stderr() -> None:
-    """Stop libvirt printing ``libvirt: QEMU Driver error : ...`` by itself.
-
-    libvirt's default error handler writes every error to stderr, even
-    those we catch and report better. This is process-wide, so only a
-    program's entry point (the CLI) calls it; a library must not.
-    """
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)

@@ -28,7 +28,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple, Union
 
-from virt_balloon_stats.client import BalloonStats, DomainMemo, Reading
+from virt_balloon_stats.client import BalloonStats
+from virt_balloon_stats.reading import DomainMemo, Reading
 from virt_balloon_stats.errors import BalloonStatsError
 from virt_balloon_stats.events import EventLoopHold
 from virt_balloon_stats.host import DomainRecord, Guest

@@ -27,7 +27,7 @@ from tests.unit.conftest import (
     scenario_names,
     world,
 )
-from virt_balloon_stats.client import CROSSCHECK_ATTEMPTS, BalloonStats
+from virt_balloon_stats.client import BalloonStats
 from virt_balloon_stats.crosscheck import Result
 from virt_balloon_stats.errors import (
     DomainNotFound,
@@ -39,6 +39,7 @@ from virt_balloon_stats.errors import (
 )
 from virt_balloon_stats.qmp import POLLING_PROPERTY
 from virt_balloon_stats.qompath import QOMPath
+from virt_balloon_stats.reading import CROSSCHECK_ATTEMPTS
 from virt_balloon_stats.stats import STATS, Status, parse_guest_stats
 
 #: The keys of the JSON document every front end prints.

@@ -48,11 +48,12 @@ LAYERS: Tuple[Floor, ...] = (
     ),
     Floor("QOM path resolution", frozenset({"qompath"})),
     Floor("one domain's figures at one moment", frozenset({"sample"})),
+    Floor("one domain's reading as data: memo, its QEMU half, libvirt's side", frozenset({"reading"})),
     Floor(
         "one connection's API; samples rendered for people, scripts and Nagios",
         frozenset({"client", "formats", "nagios"}),
     ),
-    Floor("a cycle's bulk calls and their pipeline", frozenset({"rounds"})),
+    Floor("a cycle's call scheduling: one call out per domain, bulk calls", frozenset({"rounds"})),
     Floor("every multi-domain reading", frozenset({"collector"})),
     Floor(
         "built on the collector: the scripts' BalloonStats, the live view, JSON Lines, Prometheus",
@@ -174,9 +175,9 @@ PUBLIC_NAMES = [
     "GuestStats", "StatSpec", "STATS", "PollingState", "QOMPath", "BalloonDevice", "CrossCheck", "Result",
     "Verdict", "Guest", "Host", "default_uri", "human_bytes", "silence_libvirt_stderr", "BalloonStatsError",
     "InvalidArgument", "LibvirtFailure", "ConnectionFailed", "DomainNotFound", "DomainNotRunning",
-    "OperationDenied", "UnsupportedHypervisor", "OperationTimedOut", "QMPFailure", "CommandNotAllowed",
-    "QMPExecuteError", "QMPBadReply", "InvalidDomainXML", "NoBalloonDevice", "QOMPathNotFound",
-    "QEMUUnresponsive",
+    "OperationDenied", "UnsupportedHypervisor", "OperationTimedOut", "TooManyCallsStuck", "QMPFailure",
+    "CommandNotAllowed", "QMPExecuteError", "QMPBadReply", "InvalidDomainXML", "NoBalloonDevice",
+    "QOMPathNotFound", "QEMUUnresponsive",
 ]
 
 #: What scripts call: each public method with how it is called (``=...``: optional), or ``property``.
@@ -235,6 +236,7 @@ ERROR_TREE = {
     "OperationDenied": "LibvirtFailure",
     "UnsupportedHypervisor": "LibvirtFailure",
     "OperationTimedOut": "LibvirtFailure",
+    "TooManyCallsStuck": "LibvirtFailure",
     "QMPFailure": "BalloonStatsError",
     "CommandNotAllowed": "QMPFailure",
     "QMPExecuteError": "QMPFailure",

@@ -1,0 +1,243 @@
+"""One domain's reading, as data: what a reader remembers, and the halves a sample is made of.
+
+A reading reads QEMU first (:class:`Reading` holds what it learnt), then
+libvirt's side (:class:`LibvirtSide`: the collector's bulk record, or calls
+of the domain's own), cross-checks the two until they saw the same update
+(:func:`crosscheck_same_update`), and makes a
+:class:`~virt_balloon_stats.sample.Sample` (:class:`Identity`). The
+:class:`~virt_balloon_stats.client.BalloonStats` methods ``begin_sample``
+and ``finish_sample`` drive it; this module makes no call of its own but
+those it is handed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Callable, List, Mapping, Optional, Tuple, TypeVar, Union
+
+from virt_balloon_stats.crosscheck import CrossCheck, Result, crosscheck, skipped
+from virt_balloon_stats.domxml import BalloonDevice
+from virt_balloon_stats.errors import BalloonStatsError, QMPBadReply
+from virt_balloon_stats.host import DomainRecord, Guest
+from virt_balloon_stats.polling import PollingState
+from virt_balloon_stats.qmp import POLLING_PROPERTY
+from virt_balloon_stats.qompath import QOMPath
+from virt_balloon_stats.sample import Sample
+from virt_balloon_stats.stats import (
+    LAST_UPDATE,
+    RSS,
+    GuestStats,
+    Status,
+    memory_stats_from_domstats,
+)
+
+__all__ = [
+    "CROSSCHECK_ATTEMPTS",
+    "DomainMemo",
+    "Reading",
+    "LibvirtSide",
+    "Identity",
+    "crosscheck_same_update",
+    "interval_seconds",
+    "shortened",
+    "within",
+]
+
+#: How many times to re-read both sides when the guest answered in between.
+CROSSCHECK_ATTEMPTS = 3
+
+_T = TypeVar("_T")
+
+
+@dataclasses.dataclass
+class DomainMemo:
+    """What a reader remembers about one incarnation (UUID and id) of a domain.
+
+    A one-shot reading starts with an empty memo; a long-running one keeps a
+    memo per domain, so that a steady reading costs one QMP call
+    (``guest-stats``). The cached interval is re-read every
+    :data:`~virt_balloon_stats.client.DEFAULT_REFRESH_SECONDS`, and at once when the figures disagree
+    with it: the status would change (a disabled or lengthened interval
+    makes fresh figures look stale), or ``last-update`` moved faster than
+    the interval allows (it was shortened).
+    """
+
+    device: Optional[BalloonDevice] = None
+    interval: Optional[int] = None
+    refresh_due: float = 0.0
+    status: Optional[Status] = None
+    last_update: Optional[int] = None
+
+
+def shortened(before: Optional[int], after: Optional[int], interval: Optional[int]) -> bool:
+    """Whether two successive ``last-update`` values came closer than the interval allows."""
+    return bool(before and after and interval and 0 < after - before < interval)
+
+
+def interval_seconds(value: object, guest: Guest) -> int:
+    """QEMU's ``guest-stats-polling-interval``, checked: an integer of 0 or more."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise QMPBadReply(f"{POLLING_PROPERTY} is not a number of seconds: {value!r}", domain=guest.name)
+    return value
+
+
+@dataclasses.dataclass
+class Reading:
+    """A sample half made: what :meth:`~virt_balloon_stats.client.BalloonStats.begin_sample` learnt from QEMU.
+
+    Opaque to callers; hand it to :meth:`~virt_balloon_stats.client.BalloonStats.finish_sample`.
+    """
+
+    guest: Guest
+    source: str
+    memo: DomainMemo
+    refreshed: bool = False
+    path: Optional[QOMPath] = None
+    stats: Optional[GuestStats] = None
+    error: Optional[BalloonStatsError] = None
+
+
+class LibvirtSide:
+    """libvirt's view of one domain for one reading, fetched once and only when needed.
+
+    From the collector's bulk record, or else a call of this domain's own
+    (``state()``, ``memoryStats()``).
+    """
+
+    def __init__(self, guest: Guest, record: Optional[DomainRecord]) -> None:
+        self._guest = guest
+        self._state: Optional[str] = None
+        self._stats: Optional[Mapping[str, int]] = None
+        self._record = record
+
+    @property
+    def known_state(self) -> str:
+        """The state if it was learnt, without asking for it."""
+        return self._state or "unknown"
+
+    def state(self) -> str:
+        """libvirt's state word."""
+        if self._state is None:
+            record = self._record
+            if record is not None and record.state != "unknown":
+                self._state = record.state
+            else:
+                self._state = self._guest.state()
+        return self._state
+
+    def stats(self) -> Mapping[str, int]:
+        """``memoryStats()``-shaped figures."""
+        if self._stats is None:
+            record = self._record
+            converted = memory_stats_from_domstats(record.balloon) if record is not None else {}
+            # NOWAIT leaves a busy QEMU's domain with only balloon.current and
+            # balloon.maximum (from libvirt's definition): then this domain
+            # asks on its own. libvirt reports rss, and last-update when there
+            # is a balloon, only when it could ask QEMU.
+            complete = LAST_UPDATE.libvirt in converted or RSS.libvirt in converted
+            self._stats = converted if complete else self._guest.memory_stats()
+        return self._stats
+
+
+class Identity:
+    """Who a sample is about: the fields every :class:`Sample` starts with."""
+
+    def __init__(self, uri: str, guest: Guest, source: str) -> None:
+        self.uri = uri
+        self.guest = guest
+        self.source = source
+
+    def sample(
+        self,
+        *,
+        state: str,
+        sampled_at: float,
+        status: Status,
+        message: str,
+        polling: PollingState,
+        crosscheck: CrossCheck,
+        qom_path: Optional[QOMPath] = None,
+        stats: Optional[GuestStats] = None,
+        actual_bytes: Optional[int] = None,
+        libvirt: Optional[Mapping[str, int]] = None,
+        error: Optional[BalloonStatsError] = None,
+    ) -> Sample:
+        return Sample(
+            uri=self.uri,
+            domain=self.guest.name,
+            uuid=self.guest.uuid,
+            id=self.guest.id,
+            source=self.source,
+            state=state,
+            sampled_at=sampled_at,
+            status=status,
+            message=message,
+            polling=polling,
+            crosscheck=crosscheck,
+            qom_path=qom_path,
+            stats=stats,
+            actual_bytes=actual_bytes,
+            libvirt=libvirt,
+            error=error,
+        )
+
+
+def crosscheck_same_update(
+    path: QOMPath,
+    stats: GuestStats,
+    actual: Optional[int],
+    libvirt_stats: Optional[Mapping[str, int]],
+    *,
+    reread: Callable[[], Tuple[QOMPath, GuestStats]],
+    libvirt: Callable[[], Mapping[str, int]],
+) -> Tuple[QOMPath, GuestStats, Mapping[str, int], CrossCheck]:
+    """Cross-check QEMU's figures against libvirt's, re-reading both until they saw the same update.
+
+    The guest may answer between the two reads: then ``last-update`` differs
+    and the comparison is inconclusive, so libvirt is asked again (and QEMU
+    too, after the first attempt), :data:`CROSSCHECK_ATTEMPTS` times at most.
+
+    :param reread: Reads QEMU's ``guest-stats`` again.
+    :param libvirt: Reads ``memoryStats()``.
+    """
+    check = skipped("not attempted")
+    for attempt in range(CROSSCHECK_ATTEMPTS):
+        if (
+            attempt
+            or libvirt_stats is None
+            or (libvirt_stats.get(LAST_UPDATE.libvirt or "") or None) != stats.last_update
+        ):
+            if attempt:
+                path, stats = reread()
+            libvirt_stats = libvirt()
+        check = crosscheck(stats, actual, libvirt_stats)
+        if check.result is not Result.INCONCLUSIVE:
+            break
+    assert libvirt_stats is not None
+    return path, stats, libvirt_stats, check
+
+
+def within(timeout: float, name: str, read: Callable[[], _T]) -> Optional[_T]:
+    """``read()`` in a daemon thread, waited for ``timeout`` seconds; ``None`` if it has not returned.
+
+    libvirt has no reply timeout for a QEMU that does not answer: the
+    thread goes on until it does, and does not keep the process from
+    exiting. What ``read`` raises is raised here.
+    """
+    outcome: List[Union[_T, BaseException]] = []
+
+    def run() -> None:
+        try:
+            outcome.append(read())
+        except BaseException as err:  # raised again in the caller's thread
+            outcome.append(err)
+
+    reader = threading.Thread(target=run, name=name, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not outcome:
+        return None
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
