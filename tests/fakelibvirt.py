@@ -19,15 +19,37 @@ libvirt's RPC error (:meth:`FakeConnect.lose`), a destroyed transient domain
 answers every call with "no domain" (:meth:`FakeConnect.destroy`), and
 events reach the callbacks registered with ``domainEventRegisterAny`` and
 ``registerCloseCallback`` when a test says so (:meth:`FakeConnect.emit`).
+
+How calls share one connection is modelled only for the tests that ask
+(:class:`RPCModel`): more connections to the same hypervisor
+(:meth:`FakeConnect.another`), each serving a bounded number of calls at
+once and losing the wake-up of a call made while another is held by a hang.
+Without it, a connection answers any number of calls at once.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import json
 import re
 import threading
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Deque,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 import libvirt
 
@@ -39,7 +61,9 @@ __all__ = [
     "error_from_record",
     "connection_lost_error",
     "canonical",
+    "RPCModel",
     "FakeDomain",
+    "DomainHandle",
     "FakeConnect",
     "RecordedTransport",
 ]
@@ -84,6 +108,40 @@ def canonical(command: Mapping[str, Any]) -> str:
     return json.dumps(command, sort_keys=True, separators=(",", ":"))
 
 
+@dataclasses.dataclass(frozen=True)
+class RPCModel:
+    """How calls share one libvirt connection, as a client of libvirt 9.0 sees it.
+
+    Opt-in (``FakeConnect(..., rpc=RPCModel())``); every connection of the
+    fake hypervisor (:meth:`FakeConnect.another`) then behaves so:
+
+    * **At most** ``max_requests`` **calls are served at once**, libvirtd's
+      ``max_client_requests`` (5 by default). libvirtd stops reading a
+      connection at that count, so a later call waits until one of those
+      returns: calls that never return take slots from every other call.
+    * **The wake-up of a call is lost** (``lost_wakeup``), in its worst case.
+      libvirt's RPC client lets threads share a connection by having one of
+      them, the one "holding the buck", do the socket I/O for all. A thread
+      that queues a call wakes the holder with ``g_main_loop_quit()``, and
+      that wake-up can be lost (when the holder is between releasing the
+      client lock and entering ``g_main_loop_run()``; ``virNetClientIO`` and
+      ``virNetClientIOEventLoop`` in ``src/rpc/virnetclient.c``): the call is
+      not even written to the socket until some other message arrives on the
+      connection. When the holder is a call to a stopped QEMU, nothing may
+      arrive: on the testbed, a healthy domain's call waited 2.5 s (until the
+      next cycle's calls came) in about 1 trial in 15. Here it happens every
+      time, for as long as it can: a call made on a connection while another
+      call on it is held by a hang (:meth:`FakeDomain.hang`) waits until no
+      call on it is held.
+
+    Every wait ends when the calls held by a hang return, so a test that sets
+    its hang gates in a ``finally`` leaves no thread stuck.
+    """
+
+    max_requests: int = 5
+    lost_wakeup: bool = True
+
+
 class FakeDomain:
     """One ``virDomain`` replaying a recorded fixture.
 
@@ -118,17 +176,30 @@ class FakeDomain:
         self._held: "collections.Counter[str]" = collections.Counter()
         self._held_changed = threading.Condition()
 
-    def _called(self, method: str, *args: Any) -> None:
+    def _called(self, method: str, *args: Any) -> ContextManager[None]:
+        """Record a call to ``method``; the block it guards is the call being served."""
         with self._lock:
             self.calls.append((method, args))
-        self.enter(method)
+        return self.serving(method)
+
+    @contextlib.contextmanager
+    def serving(self, method: str) -> Iterator[None]:
+        """One call to ``method``, from when it is made until it returns.
+
+        It goes through this domain's connection (see :class:`RPCModel`),
+        then :meth:`enter`. Also used by :class:`RecordedTransport` for
+        ``qemuMonitorCommand``.
+        """
+        conn = self.connection
+        with conn._rpc(method) if conn is not None else contextlib.nullcontext():
+            self.enter(method)
+            yield
 
     def enter(self, method: str) -> None:
         """What libvirt does before answering ``method`` on this domain.
 
         Fails for a lost connection or a destroyed domain, raises the error
-        set for ``method``, or holds the call while it is hung. Also called by
-        :class:`RecordedTransport` for ``qemuMonitorCommand``.
+        set for ``method``, or holds the call while it is hung.
         """
         conn = self.connection
         if conn is not None and conn.lost is not None:
@@ -140,10 +211,13 @@ class FakeDomain:
         if error is not None:
             raise error
         if gate is not None and not gate.is_set():
-            with self._held_changed:
-                self._held[method] += 1
-                self._held_changed.notify_all()
-            gate.wait()
+            # Counted on the connection first: a test that saw the call held
+            # must find its connection holding it.
+            with conn._holding() if conn is not None else contextlib.nullcontext():
+                with self._held_changed:
+                    self._held[method] += 1
+                    self._held_changed.notify_all()
+                gate.wait()
 
     def hang(self, method: str = "qemuMonitorCommand") -> threading.Event:
         """Make every later call to ``method`` block until the returned Event is set.
@@ -195,25 +269,49 @@ class FakeDomain:
         return self._id
 
     def isActive(self) -> int:
-        self._called("isActive")
-        return int(self._id >= 0)
+        with self._called("isActive"):
+            return int(self._id >= 0)
 
     def state(self, flags: int = 0) -> List[int]:
-        self._called("state", flags)
-        return list(self._state)
+        with self._called("state", flags):
+            return list(self._state)
 
     def XMLDesc(self, flags: int = 0) -> str:
-        self._called("XMLDesc", flags)
-        key = "xml_inactive" if flags & libvirt.VIR_DOMAIN_XML_INACTIVE else "xml_live"
-        return str(self.fixture[key])
+        with self._called("XMLDesc", flags):
+            key = "xml_inactive" if flags & libvirt.VIR_DOMAIN_XML_INACTIVE else "xml_live"
+            return str(self.fixture[key])
 
     def memoryStats(self) -> Dict[str, int]:
-        self._called("memoryStats")
-        return dict(self.fixture["memory_stats"])
+        with self._called("memoryStats"):
+            return dict(self.fixture["memory_stats"])
 
     def setMemoryStatsPeriod(self, period: int, flags: int = 0) -> int:
-        self._called("setMemoryStatsPeriod", period, flags)
-        return 0
+        with self._called("setMemoryStatsPeriod", period, flags):
+            return 0
+
+
+class DomainHandle(FakeDomain):
+    """A :class:`FakeDomain` as looked up on another connection (:meth:`FakeConnect.another`).
+
+    A ``virDomain`` belongs to the ``virConnect`` it was found on, and its
+    calls go through that connection. So does this handle's: its
+    :attr:`connection` is its own, and everything else (the recording, the
+    state, the faults, the calls recorded) is the shared :attr:`domain`'s,
+    read and written through.
+    """
+
+    def __init__(self, domain: FakeDomain, connection: "FakeConnect") -> None:
+        object.__setattr__(self, "domain", domain)
+        object.__setattr__(self, "connection", connection)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.domain, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.domain, name, value)
+
+    def __repr__(self) -> str:
+        return f"<DomainHandle {self.name()} on connection {self.connection.number}>"
 
 
 class FakeConnect:
@@ -226,6 +324,11 @@ class FakeConnect:
     :param busy: UUIDs of domains whose QEMU does not answer: with ``NOWAIT``
         domainListGetStats returns them without balloon figures (as seen on
         the testbed with a SIGSTOPped QEMU).
+    :param rpc: How this connection, and those opened with :meth:`another`,
+        serve calls made at once (default: any number, each at once).
+
+    The call counters (:attr:`served`, :attr:`in_flight`, :attr:`peak`,
+    :attr:`hung`, :attr:`delayed`, :attr:`queued`) are kept with or without ``rpc``.
     """
 
     def __init__(
@@ -234,10 +337,30 @@ class FakeConnect:
         *,
         not_found: Mapping[str, Any],
         busy: Iterable[str] = (),
+        rpc: Optional[RPCModel] = None,
     ) -> None:
         self.domains = list(domains)
         self._not_found = not_found
         self._busy = set(busy)
+        self.rpc = rpc
+        #: Every connection to this hypervisor, in the order opened (this one first; see :meth:`another`).
+        self.connections: List[FakeConnect] = [self]
+        #: This connection's place in :attr:`connections`.
+        self.number = 0
+        self._wire = threading.Condition()
+        #: Calls made on this connection that have not returned yet.
+        self.in_flight = 0
+        #: The most calls in flight at once so far.
+        self.peak = 0
+        #: Calls on this connection held by a hang now (:meth:`FakeDomain.hang`).
+        self.hung = 0
+        #: Calls that waited for a lost wake-up (:attr:`RPCModel.lost_wakeup`).
+        self.delayed = 0
+        #: Calls that waited for libvirtd to serve fewer than :attr:`RPCModel.max_requests`.
+        self.queued = 0
+        #: Calls that went through this connection, by method: the domains' calls too, unlike :attr:`calls`.
+        self.served: "collections.Counter[str]" = collections.Counter()
+        self._serving = 0
         self.closed = False
         #: The error every call raises once the connection is lost (:meth:`lose`).
         self.lost: Optional[libvirt.libvirtError] = None
@@ -251,12 +374,71 @@ class FakeConnect:
         for dom in self.domains:
             dom.connection = self
 
-    def _called(self, method: str, *args: Any) -> None:
+    def _called(self, method: str, *args: Any, via: Optional["FakeConnect"] = None) -> ContextManager[None]:
+        """Record a call to ``method``; the block it guards is the call, served by ``via`` (default: here)."""
+        conn = via if via is not None else self
         with self._lock:
             self.calls.append((method, args))
-            lost = self.lost
+        lost = conn.lost
         if lost is not None:
             raise _copy(lost)
+        return conn._rpc(method)
+
+    @contextlib.contextmanager
+    def _rpc(self, method: str) -> Iterator[None]:
+        """One call on this connection, from when it is made until it returns (see :class:`RPCModel`)."""
+        rpc = self.rpc
+        with self._wire:
+            self.served[method] += 1
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            if rpc is not None and rpc.lost_wakeup and self.hung:
+                self.delayed += 1
+                self._wire.wait_for(lambda: not self.hung)
+            if rpc is not None and self._serving >= rpc.max_requests:
+                self.queued += 1
+                self._wire.wait_for(lambda: self._serving < rpc.max_requests)
+            self._serving += 1
+        try:
+            yield
+        finally:
+            with self._wire:
+                self._serving -= 1
+                self.in_flight -= 1
+                self._wire.notify_all()
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        """A call on this connection held by a hang, for as long as it is held."""
+        with self._wire:
+            self.hung += 1
+        try:
+            yield
+        finally:
+            with self._wire:
+                self.hung -= 1
+                self._wire.notify_all()
+
+    def another(self) -> "FakeConnect":
+        """Open one more connection to this hypervisor, as ``libvirt.open`` of the same URI would.
+
+        It shares the domains (those started or destroyed later too) and the
+        :class:`RPCModel`. It has its own calls, counters, events and loss
+        (:meth:`lose` is one connection's), and what it looks up are handles
+        of its own (:class:`DomainHandle`). :attr:`connections` lists it.
+        """
+        other = FakeConnect((), not_found=self._not_found, busy=self._busy, rpc=self.rpc)
+        with self._lock:
+            other.domains = self.domains
+            other._lock = self._lock  # one list of domains, one lock
+            other.connections = self.connections
+            other.number = len(self.connections)
+            self.connections.append(other)
+        return other
+
+    def _here(self, dom: FakeDomain) -> FakeDomain:
+        """``dom`` as a ``virDomain`` found on this connection."""
+        return dom if dom.connection is self else DomainHandle(dom, self)
 
     def _answer(self, method: str, result: Any) -> Any:
         """Return ``result`` after running the hooks waiting for this call (see :meth:`after`)."""
@@ -316,36 +498,55 @@ class FakeConnect:
             return list(self.domains)
 
     def lookupByName(self, name: str) -> FakeDomain:
-        self._called("lookupByName", name)
-        for dom in self._all():
-            if dom.name() == name:
-                return self._answer("lookupByName", dom)
-        raise self._missing("name", name)
+        with self._called("lookupByName", name):
+            for dom in self._all():
+                if dom.name() == name:
+                    return self._answer("lookupByName", self._here(dom))
+            raise self._missing("name", name)
 
     def lookupByUUIDString(self, uuid: str) -> FakeDomain:
-        self._called("lookupByUUIDString", uuid)
-        for dom in self._all():
-            if dom.UUIDString() == uuid.lower():
-                return self._answer("lookupByUUIDString", dom)
-        raise self._missing("uuid", uuid)
+        with self._called("lookupByUUIDString", uuid):
+            for dom in self._all():
+                if dom.UUIDString() == uuid.lower():
+                    return self._answer("lookupByUUIDString", self._here(dom))
+            raise self._missing("uuid", uuid)
 
     def lookupByID(self, dom_id: int) -> FakeDomain:
-        self._called("lookupByID", dom_id)
-        for dom in self._all():
-            if dom.ID() == dom_id and dom_id >= 0:
-                return self._answer("lookupByID", dom)
-        raise self._missing("id", dom_id)
+        with self._called("lookupByID", dom_id):
+            for dom in self._all():
+                if dom.ID() == dom_id and dom_id >= 0:
+                    return self._answer("lookupByID", self._here(dom))
+            raise self._missing("id", dom_id)
 
     def listAllDomains(self, flags: int = 0) -> List[FakeDomain]:
-        self._called("listAllDomains", flags)
-        if flags & libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE:
-            return self._answer("listAllDomains", [d for d in self._all() if d.ID() >= 0])
-        return self._answer("listAllDomains", self._all())
+        with self._called("listAllDomains", flags):
+            doms = self._all()
+            if flags & libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE:
+                doms = [d for d in doms if d.ID() >= 0]
+            return self._answer("listAllDomains", [self._here(d) for d in doms])
 
     def domainListGetStats(
         self, doms: Sequence[FakeDomain], stats: int = 0, flags: int = 0
     ) -> List[Tuple[FakeDomain, Dict[str, Any]]]:
-        self._called("domainListGetStats", list(doms), stats, flags)
+        """The bulk stats call.
+
+        As libvirt's, it goes through the connection of the domains named (the
+        first one's, whatever connection it is called on), and refuses domains
+        of several connections.
+        """
+        doms = list(doms)
+        via = (doms[0].connection or self) if doms else self
+        with self._called("domainListGetStats", doms, stats, flags, via=via):
+            if any((d.connection or self) is not via for d in doms):
+                raise libvirt_error(
+                    libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_FROM_DOMAIN,
+                    "invalid argument: domains in 'doms' array must belong to a single connection",
+                )
+            return self._bulk_stats(doms, stats, flags)
+
+    def _bulk_stats(
+        self, doms: Sequence[FakeDomain], stats: int, flags: int
+    ) -> List[Tuple[FakeDomain, Dict[str, Any]]]:
         out = []
         for dom in doms:
             if dom._gone is not None:
@@ -369,8 +570,8 @@ class FakeConnect:
         return out
 
     def getType(self) -> str:
-        self._called("getType")
-        return "QEMU"
+        with self._called("getType"):
+            return "QEMU"
 
     def close(self) -> int:
         with self._lock:
@@ -381,38 +582,39 @@ class FakeConnect:
     def domainEventRegisterAny(
         self, dom: Optional[FakeDomain], event_id: int, cb: Callable[..., Any], opaque: Any
     ) -> int:
-        self._called("domainEventRegisterAny", dom, event_id)
-        with self._lock:
+        with self._called("domainEventRegisterAny", dom, event_id), self._lock:
             self._event_callbacks.append((event_id, dom, cb, opaque))
             return len(self._event_callbacks) - 1
 
     def domainEventDeregisterAny(self, callback_id: int) -> int:
-        self._called("domainEventDeregisterAny", callback_id)
-        with self._lock:
+        with self._called("domainEventDeregisterAny", callback_id), self._lock:
             if not 0 <= callback_id < len(self._event_callbacks) or callback_id in self.deregistered:
                 raise libvirt_error(libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_FROM_NONE, "no such callback")
             self.deregistered.add(callback_id)
-        return 0
+            return 0
 
     def unregisterCloseCallback(self) -> int:
-        self._called("unregisterCloseCallback")
-        with self._lock:
+        with self._called("unregisterCloseCallback"), self._lock:
             self._close_callbacks.clear()
-        return 0
+            return 0
 
     def getLibVersion(self) -> int:
-        self._called("getLibVersion")
-        return 9000000
+        with self._called("getLibVersion"):
+            return 9000000
+
+    def isAlive(self) -> int:
+        """Local in libvirt (no round trip): 0 once the connection is lost or closed."""
+        with self._lock:
+            return int(self.lost is None and not self.closed)
 
     def registerCloseCallback(self, cb: Callable[..., Any], opaque: Any) -> int:
-        self._called("registerCloseCallback")
-        with self._lock:
+        with self._called("registerCloseCallback"), self._lock:
             self._close_callbacks.append((cb, opaque))
-        return 0
+            return 0
 
     def setKeepAlive(self, interval: int, count: int) -> int:
-        self._called("setKeepAlive", interval, count)
-        return 0
+        with self._called("setKeepAlive", interval, count):
+            return 0
 
     def emit(self, event_id: int, dom: FakeDomain, *args: Any) -> int:
         """Deliver one domain event to the callbacks registered for it, as libvirt's event loop would.
@@ -484,7 +686,11 @@ class RecordedTransport:
         with self._lock:
             self.sent.append({"domain": dom.name(), "command": parsed, "raw": command, "flags": flags})
         if isinstance(dom, FakeDomain):
-            dom.enter("qemuMonitorCommand")
+            with dom.serving("qemuMonitorCommand"):
+                return self._reply(dom, key)
+        return self._reply(dom, key)
+
+    def _reply(self, dom: Any, key: str) -> str:
         with self._lock:
             if key in self._raises:
                 raise self._raises[key]

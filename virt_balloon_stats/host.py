@@ -305,24 +305,15 @@ class Host:
         self._callbacks: List[int] = []  # domain event registrations, undone by close()
         self._reopen = reopen
         self.lanes: Optional[Lanes] = (
-            None if reopen is None else Lanes(self._open_lane, _close_quietly, lister=self._lane_domains)
+            None
+            if reopen is None
+            else Lanes(self._open_lane, _close_quietly, lister=self._lane_domains, alive=_is_alive)
         )
 
     def _open_lane(self) -> Any:
-        """One more connection, for a lane.
-
-        :raise ConnectionFailed: When libvirt cannot connect.
-        """
+        """One more connection, for a lane (:raise ConnectionFailed: when libvirt cannot connect)."""
         assert self._reopen is not None
-        try:
-            with libvirt_call(self.counter, "open"):
-                return self._reopen()
-        except LibvirtFailure as err:
-            raise ConnectionFailed(
-                f"cannot open another connection ({err.libvirt_message})",
-                code=err.code,
-                libvirt_message=err.libvirt_message,
-            ) from err
+        return _connected(self.counter, "open", self._reopen, "cannot open another connection")
 
     def _lane_domains(self, conn: Any) -> Dict[Tuple[str, Optional[int]], Any]:
         """The running domains of a lane's connection, keyed as :attr:`Guest.cache_key` is."""
@@ -345,16 +336,13 @@ class Host:
         target = uri or default_uri()
         counter = RPCCounter()
         call = "openReadOnly" if readonly else "open"
-        try:
-            with libvirt_call(counter, call):
-                conn = libvirt.openReadOnly(target) if readonly else libvirt.open(target)
-        except LibvirtFailure as err:
-            raise ConnectionFailed(
-                "cannot connect; is libvirtd running, and may this user use it? " f"({err.libvirt_message})",
-                code=err.code,
-                libvirt_message=err.libvirt_message,
-            ) from err
-        return cls(conn, target, counter)
+
+        def connect() -> Any:
+            return libvirt.openReadOnly(target) if readonly else libvirt.open(target)
+
+        why = "cannot connect; is libvirtd running, and may this user use it?"
+        conn = _connected(counter, call, connect, why)
+        return cls(conn, target, counter, reopen=connect)
 
     def close(self) -> None:
         """Close the connection; errors on close are of no use to anyone.
@@ -479,6 +467,25 @@ class Host:
         if keepalive:
             with libvirt_call(self.counter, "setKeepAlive"):
                 self.conn.setKeepAlive(keepalive, 3)
+
+
+def _connected(counter: RPCCounter, call: str, connect: Callable[[], Any], why: str) -> Any:
+    """``connect()``, counted; its failure as :class:`ConnectionFailed` saying ``why``."""
+    try:
+        with libvirt_call(counter, call):
+            return connect()
+    except LibvirtFailure as err:
+        raise ConnectionFailed(
+            f"{why} ({err.libvirt_message})", code=err.code, libvirt_message=err.libvirt_message
+        ) from err
+
+
+def _is_alive(conn: Any) -> bool:
+    """``virConnectIsAlive``: local to the client (no round trip), false once the connection is lost."""
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _close_quietly(conn: Any) -> None:

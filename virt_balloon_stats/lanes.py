@@ -141,6 +141,9 @@ class Lanes:
         looked up on its own).
     :param keep: Idle lanes kept open for the next tasks; more are closed
         as their calls return (a burst of stuck calls leaves nothing behind).
+    :param alive: Whether a connection still works, without a round trip; a
+        lane whose connection was lost is closed when its call returns,
+        never handed out again.
     :param limit: Calls in flight at most (see :data:`MAX_CALLS`).
     :param wait: Seconds a lease waits for a call to return when ``limit``
         are running, before it gives up with :class:`TooManyCallsStuck`.
@@ -152,6 +155,7 @@ class Lanes:
         closer: Callable[[Any], None],
         *,
         lister: Optional[Callable[[Any], Dict[Key, Any]]] = None,
+        alive: Optional[Callable[[Any], bool]] = None,
         keep: int = 11,
         limit: int = MAX_CALLS,
         wait: float = LEASE_WAIT,
@@ -164,6 +168,7 @@ class Lanes:
         self._opener = opener
         self._closer = closer
         self.lister = lister
+        self._alive = alive
         #: Bumped by :meth:`retain`: a lane lists its domains again on its next miss.
         self.generation = 0
         self.keep = keep
@@ -251,11 +256,12 @@ class Lanes:
         return len(self._busy) + self._opening
 
     def _give_back(self, lane: Lane) -> None:
+        dead = self._alive is not None and not self._alive(lane.conn)
         with self._lock:
             self._busy.remove(lane)
             self._freed.notify()
             lane.since = None
-            close = self._closed or len(self._idle) >= self.keep
+            close = dead or self._closed or len(self._idle) >= self.keep
             if not close:
                 if self._retained is not None and lane._kept != self.generation:
                     lane.retain(self._retained)
@@ -282,8 +288,8 @@ class Lanes:
 
     def stats(self, stuck_after: float) -> LaneStats:
         """Calls in flight, those running longer than ``stuck_after`` seconds, and lanes open."""
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             ages = [now - lane.since for lane in self._busy if lane.since is not None]
             return LaneStats(
                 connections=len(self._idle) + len(self._busy),

@@ -23,7 +23,7 @@ from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.ci import unavailable
-from tests.fakelibvirt import FakeConnect, FakeDomain, RecordedTransport, error_from_record
+from tests.fakelibvirt import FakeConnect, FakeDomain, RecordedTransport, RPCModel, error_from_record
 from virt_balloon_stats.client import BalloonStats
 from virt_balloon_stats.domxml import parse_balloon
 from virt_balloon_stats.events import start_event_loop
@@ -97,7 +97,13 @@ def now_for(fixture: Mapping[str, Any]) -> float:
 
 
 class World:
-    """Fake libvirt domains and connection, the recorded QMP replies, and the real client on top."""
+    """Fake libvirt domains and connection, the recorded QMP replies, and the real client on top.
+
+    :param rpc: How the fake connections serve calls made at once (see
+        :class:`~tests.fakelibvirt.RPCModel`); default: any number at once.
+    :param lanes: The host opens more connections to the fake hypervisor for
+        its lanes (:meth:`FakeConnect.another` as its ``reopen``).
+    """
 
     def __init__(
         self,
@@ -107,12 +113,16 @@ class World:
         qmp_raises: Iterable[Tuple[Mapping[str, Any], Any]] = (),
         busy: Iterable[str] = (),
         now: float = 0.0,
+        rpc: Optional[RPCModel] = None,
+        lanes: bool = False,
     ) -> None:
         self.fixtures = list(fixtures)
         self.domains = domains if domains is not None else [FakeDomain(f) for f in self.fixtures]
-        self.conn = FakeConnect(self.domains, not_found=libvirt_error_record("unknown-domain"), busy=busy)
+        self.conn = FakeConnect(
+            self.domains, not_found=libvirt_error_record("unknown-domain"), busy=busy, rpc=rpc
+        )
         self.transport = RecordedTransport(*self.fixtures, raises=tuple(qmp_raises))
-        self.host = Host(self.conn, URI)
+        self.host = Host(self.conn, URI, reopen=self.conn.another if lanes else None)
         self.client = BalloonStats(self.host, QMPClient(self.transport), clock=lambda: now)
 
     @property

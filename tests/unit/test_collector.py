@@ -12,6 +12,7 @@ statuses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -19,8 +20,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import libvirt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakelibvirt import FakeDomain, connection_lost_error, libvirt_error
+from tests.fakelibvirt import FakeDomain, RPCModel, connection_lost_error, libvirt_error
 from tests.unit.conftest import (
     EXPECTED_STATUS,
     URI,
@@ -35,6 +37,7 @@ from virt_balloon_stats.client import DEFAULT_REFRESH_SECONDS, BalloonStats
 from virt_balloon_stats.collector import LOST_CONNECTION, RECONNECT_FIRST, Collector, Cycle
 from virt_balloon_stats.errors import ConnectionFailed, DomainNotFound, InvalidArgument, QEMUUnresponsive
 from virt_balloon_stats.host import Host
+from virt_balloon_stats.metrics import render
 from virt_balloon_stats.qmp import POLLING_PROPERTY
 from virt_balloon_stats.rounds import BULK_MIN_CHUNK, chunk_sizes
 from virt_balloon_stats.stats import Status
@@ -1066,3 +1069,227 @@ def test_close_callback_with_libvirtd_still_down_says_why():
         cycle = collector.collect()
     _assert_down(cycle, names)
     assert "libvirt closed the connection: keepalive" in cycle.hosts[URI].message
+
+
+# -- one connection per call (lanes) -------------------------------------------------------------------
+#
+# The fake models one libvirt connection as a client sees it (RPCModel): libvirtd serves 5 calls per
+# connection at once, and a call made while another on the same connection is held by a hung QEMU
+# waits until that one returns (the lost wake-up of libvirt's RPC client, in its worst case). With
+# lanes each call has a connection to itself and neither can bite; without them both do.
+
+#: Healthy domains of these tests: the "virtio" recording under names of their own, all ``ok``
+#: under one clock.
+LANE_HEALTHY = 6
+
+#: Cycles in a row that must each get every healthy domain read.
+LANE_CYCLES = 4
+
+#: Seconds after which the hung QEMUs answer whatever the test does: a scheduler that makes the
+#: collector's own thread wait on them fails the test instead of hanging it.
+WATCHDOG = 20.0
+
+
+def _copy_of(scenario: str, name: str, number: int) -> Dict[str, Any]:
+    """A recorded scenario under another name, UUID and id (the testbed recorded one domain of each)."""
+    fixture = load(scenario)
+    fixture["domain"].update(name=name, uuid=f"00000000-0000-4000-8000-{number:012d}", id=100 + number)
+    return fixture
+
+
+@contextlib.contextmanager
+def _hung_host(
+    hung: int, *, lanes: bool, rpc: RPCModel = RPCModel(), named: bool = False
+) -> Iterator[Tuple[World, List[FakeDomain], Collector, List[threading.Event]]]:
+    """Healthy domains and ``hung`` more whose QEMU does not answer; released and stopped whatever happens.
+
+    ``named``: the collector is given the domains as Guests, so that its own thread makes no call
+    during a cycle (on one shared connection, its listing would wait for the hung call too).
+    """
+    fired = threading.Event()
+    fixtures = [_copy_of("virtio", f"vbs-tb-rec-virtio-{i}", i) for i in range(LANE_HEALTHY)]
+    fixtures += [_copy_of(HUNG, f"vbs-tb-rec-{HUNG}-{i}", 50 + i) for i in range(hung)]
+    w = World(fixtures, now=now_for(fixtures[0]), rpc=rpc, lanes=lanes)
+    for dom in w.domains:
+        _keep_interval(w, dom)
+    stopped = [dom for dom in w.domains if dom.fixture["scenario"] == HUNG]
+    domains = w.client.guests() if named else None
+    releases = [dom.hang() for dom in stopped]
+
+    def release_all() -> None:
+        for release in releases:
+            release.set()
+
+    def watchdog_fired() -> None:
+        fired.set()
+        release_all()
+
+    watchdog = threading.Timer(WATCHDOG, watchdog_fired)
+    watchdog.daemon = True
+    collector = Collector(clients=[w.client], domains=domains, timeout=HUNG_TIMEOUT, workers=WORKERS)
+    watchdog.start()
+    try:
+        yield w, stopped, collector, releases
+        assert not fired.is_set(), "the hung QEMUs had to be released for the test to go on"
+    finally:
+        watchdog.cancel()
+        release_all()
+        collector.stop()
+
+
+def _split(cycle: Cycle, stopped: List[FakeDomain]) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """The statuses of the hung domains, and of the healthy ones."""
+    statuses = by_name(cycle)
+    return {d.name(): statuses.pop(d.name()) for d in stopped}, statuses
+
+
+def _healthy_ok() -> Dict[str, str]:
+    return {f"vbs-tb-rec-virtio-{i}": "ok" for i in range(LANE_HEALTHY)}
+
+
+def _open_connections(w: World) -> int:
+    return sum(1 for conn in w.conn.connections if not conn.closed)
+
+
+def _gauges(text: str) -> Dict[str, Dict[str, float]]:
+    """The exposition's gauges with a ``uri`` label: name -> uri -> value."""
+    out: Dict[str, Dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.type == "gauge" and set(sample.labels) == {"uri"}:
+                out.setdefault(sample.name, {})[sample.labels["uri"]] = sample.value
+    return out
+
+
+@pytest.mark.parametrize("hung", [1, 5], ids=["one-hung", "five-hung"])
+def test_with_lanes_hung_qemus_cost_no_healthy_domain_its_cycle(hung):
+    """Each call on a connection of its own: the hung QEMUs' calls hold their own lanes and nothing else.
+
+    Every healthy domain is ``ok`` in every cycle, no connection ever carries two calls at once, and no
+    call ever waits for a lost wake-up or for one of libvirtd's slots. At the end of each cycle only the
+    hung calls are in flight, each holding its lane.
+    """
+    with _hung_host(hung, lanes=True) as (w, stopped, collector, _releases):
+        cycles = [collector.collect() for _ in range(LANE_CYCLES)]
+        conns = list(w.conn.connections)
+        assert all(dom.held() == 1 for dom in stopped)
+        assert sorted(conn.hung for conn in conns) == [0] * (len(conns) - hung) + [1] * hung
+        assert set(w.conn.served) == {"listAllDomains"}  # the collector's own connection: no domain's call
+        assert [conn.peak for conn in conns] == [1] * len(conns)
+        assert sum(conn.delayed + conn.queued for conn in conns) == 0
+        for cycle in cycles:
+            stuck, healthy = _split(cycle, stopped)
+            assert set(stuck.values()) == {"unresponsive"}
+            assert healthy == _healthy_ok()
+            lanes = cycle.hosts[URI].lanes
+            assert lanes is not None and lanes.in_flight == hung
+        assert cycles[-1].hosts[URI].lanes.connections == _open_connections(w) - 1
+    opened = sum(cycle.calls.get("open", 0) for cycle in cycles)
+    assert opened == len(conns) - 1 > hung
+
+
+@pytest.mark.parametrize(
+    "hung, rpc, waited",
+    [(1, RPCModel(), "delayed"), (5, RPCModel(lost_wakeup=False), "queued")],
+    ids=["lost-wake-up", "five-slots-held"],
+)
+def test_without_lanes_hung_qemus_cost_the_healthy_domains_their_cycle(hung, rpc, waited):
+    """The old scheduling, every call on one connection: the model bites, so the lanes test means something.
+
+    One hung call loses the next calls their wake-up; five take all of libvirtd's slots. Once the hung
+    calls are held (first cycle), every healthy domain's call waits behind them: none is ``ok``.
+    """
+    with _hung_host(hung, lanes=False, rpc=rpc, named=True) as (w, stopped, collector, _releases):
+        collector.collect()
+        assert all(dom.wait_held() for dom in stopped)
+        cycle = collector.collect()
+        stuck, healthy = _split(cycle, stopped)
+        assert set(stuck.values()) == {"unresponsive"}
+        assert set(healthy.values()) == {"unresponsive"}, healthy
+        assert getattr(w.conn, waited) > 0
+        assert w.conn.hung == hung and w.conn.peak > 1
+        assert w.conn.connections == [w.conn]
+    assert cycle.hosts[URI].up and cycle.hosts[URI].lanes is None
+    assert "virt_balloon_libvirt_calls_in_flight" not in _gauges(render(cycle, collector.totals))
+
+
+def test_stuck_calls_are_in_the_cycle_and_the_metrics():
+    """HostState.lanes and the exporter's series: the hung call in flight, stuck past the deadline."""
+    with _hung_host(1, lanes=True) as (w, stopped, collector, _releases):
+        collector.collect()
+        time.sleep(HUNG_TIMEOUT)  # a lower bound: the hung call has now run longer than the deadline
+        cycle = collector.collect()
+        open_now = _open_connections(w)
+    lanes = cycle.hosts[URI].lanes
+    assert lanes is not None
+    assert (lanes.in_flight, lanes.stuck) == (1, 1)
+    assert lanes.oldest_seconds > HUNG_TIMEOUT
+    assert lanes.connections == open_now - 1 >= 2  # the stuck lane, and at least one serving
+    gauges = _gauges(render(cycle, collector.totals))
+    assert gauges["virt_balloon_libvirt_calls_in_flight"] == {URI: 1}
+    assert gauges["virt_balloon_libvirt_calls_stuck"] == {URI: 1}
+    assert gauges["virt_balloon_libvirt_oldest_call_seconds"] == {URI: round(lanes.oldest_seconds, 3)}
+    assert gauges["virt_balloon_libvirt_connections"] == {URI: open_now}
+
+
+def test_a_stuck_lane_serves_again_once_its_call_returns():
+    """QEMU answers again: the stuck calls return, their lanes serve again, idle lanes are bounded."""
+    with _hung_host(5, lanes=True) as (w, stopped, collector, releases):
+        collector.collect()
+        time.sleep(HUNG_TIMEOUT)  # a lower bound: the hung calls have now run longer than the deadline
+        before = collector.collect().hosts[URI].lanes
+        assert before is not None and before.stuck == 5
+        for release in releases:
+            release.set()
+        expected = {**_healthy_ok(), **{dom.name(): EXPECTED_STATUS[HUNG] for dom in stopped}}
+
+        def settled() -> bool:
+            cycle = collector.collect()
+            return by_name(cycle) == expected and cycle.hosts[URI].lanes.in_flight == 0
+
+        assert wait_until(settled)
+        lanes = collector.last.hosts[URI].lanes
+        assert (lanes.stuck, lanes.oldest_seconds) == (0, 0.0)
+        assert lanes.connections <= w.host.lanes.keep
+        assert lanes.connections == _open_connections(w) - 1
+        assert [conn.peak for conn in w.conn.connections] == [1] * len(w.conn.connections)
+
+
+def test_a_collector_that_opens_its_own_connection_reads_in_lanes(monkeypatch):
+    """``Collector([uri])`` (the CLI, the exporter) opens its lanes the way it opened its connection."""
+    fixture = load("virtio")
+    w = World([fixture], now=now_for(fixture), rpc=RPCModel())
+    opened: List[str] = []
+
+    def open_(uri: str) -> Any:
+        opened.append(uri)
+        return w.conn if len(opened) == 1 else w.conn.another()
+
+    monkeypatch.setattr(libvirt, "open", open_)
+    with Collector([URI], source="libvirt", timeout=TIMEOUT) as collector:
+        cycle = collector.collect()
+    (sample,) = cycle.samples
+    # Read (the recording is old, so against today's clock its figures are stale).
+    assert sample.error is None and sample.libvirt is not None and sample.status is Status.STALE
+    lanes = cycle.hosts[URI].lanes
+    assert lanes is not None and lanes.connections >= 1
+    assert opened == [URI] * len(w.conn.connections)
+    # The connection it opened first served no call that names a domain.
+    assert w.conn.served.get("memoryStats", 0) == 0 and w.conn.served.get("domainListGetStats", 0) == 0
+
+
+def test_a_lane_whose_connection_was_lost_is_never_used_again():
+    """Only a lane's connection died (libvirtd is fine): its domain is read on a new lane next cycle."""
+    fixture = load("virtio")
+    w = World([fixture], now=now_for(fixture), rpc=RPCModel(), lanes=True)
+    _keep_interval(w, w.domain)
+    with Collector(clients=[w.client], timeout=TIMEOUT, workers=1) as collector:
+        assert by_name(collector.collect()) == {w.domain.name(): "ok"}
+        lanes = w.conn.connections[1:]
+        for conn in lanes:
+            conn.lose()
+        statuses = [by_name(collector.collect()) for _ in range(3)]
+    # The cycle that met the dead lane reports it; the lane is closed, not handed out again.
+    assert statuses[-2:] == [{w.domain.name(): "ok"}] * 2, statuses
+    assert all(conn.closed for conn in lanes)
+    assert len(w.conn.connections) > 1 + len(lanes)
