@@ -4,18 +4,23 @@ Every domain made here is transient and named with the testbed prefix
 (``vbs-tb-``), and destroyed when its test or session ends. Nothing else on
 the host is touched. Under ``CI=true`` a testbed that cannot be reached fails
 the test; elsewhere it is skipped with the command that brings it up.
+
+``--count N`` runs each fault-trial test (those taking ``repetition``) N
+times: ``tox -e stress -- --count N``. The run ends with one line counting
+their trials and the healthy-domain readings they checked.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import libvirt
 import pytest
@@ -27,6 +32,48 @@ TESTBED = ROOT / "contrib" / "testbed" / "vbs-testbed"
 PREFIX = "vbs-tb-"
 URI = os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
 TCP_URI = "qemu+tcp://127.0.0.1/system"
+
+
+def pytest_addoption(parser: Any) -> None:
+    parser.addoption(
+        "--count", type=int, default=1, metavar="N",
+        help="run each fault-trial test of the isolation tests N times (tox -e stress -- --count N)",
+    )
+
+
+def pytest_generate_tests(metafunc: Any) -> None:
+    """A test that takes ``repetition`` runs ``--count`` times, as ``[round1]``, ``[round2]``..."""
+    if "repetition" in metafunc.fixturenames:
+        count = metafunc.config.getoption("count")
+        if count < 1:
+            raise pytest.UsageError(f"--count must be 1 or more, not {count}")
+        metafunc.parametrize("repetition", range(1, count + 1), ids=lambda n: f"round{n}")
+
+
+@dataclasses.dataclass
+class Tally:
+    """What the fault trials checked, summed over the run for its closing line."""
+
+    trials: int = 0
+    sigstops: int = 0
+    healthy_checked: int = 0
+    healthy_not_ok: int = 0
+    slowest_recovery: float = 0.0
+    slowest_trial: str = ""
+
+
+ISOLATION = Tally()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if ISOLATION.trials:
+        terminalreporter.write_line(
+            f"isolation: {ISOLATION.trials} trials, {ISOLATION.sigstops} SIGSTOPs, "
+            f"{ISOLATION.healthy_checked} healthy-domain readings checked, "
+            f"{ISOLATION.healthy_not_ok} not ok; "
+            f"slowest return to ok after SIGCONT {ISOLATION.slowest_recovery:.1f} s "
+            f"({ISOLATION.slowest_trial})"
+        )
 
 
 def _unreachable(reason: str) -> None:
