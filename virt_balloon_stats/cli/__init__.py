@@ -26,14 +26,13 @@ import gc
 import importlib
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence, TextIO, Tuple, cast
+from typing import Optional, Sequence, TextIO
 
 from virt_balloon_stats import __version__
 from virt_balloon_stats.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
-    TABLE_AND_JSON,
     AddCommand,
     Run,
     UsageError,
@@ -58,21 +57,6 @@ COMMANDS = {
     "stream": "long_running",
     "exporter": "long_running",
 }
-
-
-class _Unbuilt:
-    """Stands in for the parser of a command that is not the one being run.
-
-    Neither it nor its arguments are built: argparse spends most of a
-    one-shot command's start-up building parsers, and only the command given
-    needs one. ``--help`` on the top level (no command word) builds them all.
-    """
-
-    def add_argument(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing to build."""
-
-    def set_defaults(self, **kwargs: Any) -> None:
-        """Nothing to set."""
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -129,44 +113,6 @@ def _command_word(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
-class _Command:
-    """What a family's ``add_parsers`` calls to add a command (see :class:`~.common.AddCommand`).
-
-    It builds the one command it was made for and hands back an
-    :class:`_Unbuilt` for the family's others: a family is asked once per
-    command, so that ``--help`` lists them in the order of :data:`COMMANDS`.
-    """
-
-    def __init__(self, sub: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str) -> None:
-        self.sub = sub
-        self.name = name
-
-    def __call__(
-        self,
-        name: str,
-        func: Callable[[Run], int],
-        help_text: str,
-        description: str,
-        *,
-        examples: Tuple[str, ...],
-        formats: Tuple[str, ...] = TABLE_AND_JSON,
-        read_write: bool = False,
-        long_running: bool = False,
-    ) -> argparse.ArgumentParser:
-        if name != self.name:
-            return cast(argparse.ArgumentParser, _Unbuilt())
-        p = self.sub.add_parser(
-            name,
-            help=help_text,
-            description=description,
-            epilog="examples:\n" + "\n".join(f"  virt-balloon-stats {e}" for e in examples),
-            formatter_class=_RawDescriptionFormatter,
-        )
-        add_common(p, suppress=True)
-        p.set_defaults(func=func, formats=formats, read_write=read_write, long_running=long_running)
-        return p
-
-
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The whole command line; with ``only``, just that command's options are built."""
     parser = argparse.ArgumentParser(
@@ -183,7 +129,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     sub.required = True
     for name, family in COMMANDS.items():
         if only is None or name == only:
-            command: AddCommand = _Command(sub, name)
+            command = AddCommand(sub, name, _RawDescriptionFormatter)
             importlib.import_module(f"{__name__}.{family}").add_parsers(command)
     return parser
 

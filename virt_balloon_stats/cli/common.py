@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol, Set, TextIO, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Set, TextIO, Tuple, cast
 
 from virt_balloon_stats.client import DEFAULT_TIMEOUT, BalloonStats
 from virt_balloon_stats.errors import BalloonStatsError
@@ -179,15 +179,39 @@ class Run:
             self.out.write(text if text.endswith("\n") else text + "\n")
 
 
-class AddCommand(Protocol):
-    """Adds one command's parser, with the options every command takes, and returns it.
+class _Unbuilt:
+    """Stands in for the parser of a command that is not the one being run.
 
-    :param formats: The ``--format`` values the command prints;
-        :data:`OWN_OUTPUT` when it takes none.
-    :param read_write: It needs a read-write connection (``-r`` is refused).
-    :param long_running: It runs until stopped (the cyclic garbage
-        collector is turned back on before it starts).
+    Neither it nor its arguments are built: argparse spends most of a
+    one-shot command's start-up building parsers, and only the command given
+    needs one. ``--help`` on the top level (no command word) builds them all.
     """
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to build."""
+
+    def set_defaults(self, **kwargs: Any) -> None:
+        """Nothing to set."""
+
+
+class AddCommand:
+    """What a family's ``add_parsers`` calls to add a command: it adds the parser, with the
+    options every command takes, and returns it.
+
+    It builds the one command it was made for and hands back a stand-in for
+    the family's others: a family is asked once per command, so that
+    ``--help`` lists them in the order of the CLI's ``COMMANDS``.
+    """
+
+    def __init__(
+        self,
+        sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+        name: str,
+        formatter_class: "type[argparse.HelpFormatter]",
+    ) -> None:
+        self.sub = sub
+        self.name = name
+        self.formatter_class = formatter_class
 
     def __call__(
         self,
@@ -200,10 +224,25 @@ class AddCommand(Protocol):
         formats: Tuple[str, ...] = TABLE_AND_JSON,
         read_write: bool = False,
         long_running: bool = False,
-    ) -> argparse.ArgumentParser: ...
-
-
-# -- options ------------------------------------------------------------------
+    ) -> argparse.ArgumentParser:
+        """:param formats: The ``--format`` values the command prints;
+            :data:`OWN_OUTPUT` when it takes none.
+        :param read_write: It needs a read-write connection (``-r`` is refused).
+        :param long_running: It runs until stopped (the cyclic garbage
+            collector is turned back on before it starts).
+        """
+        if name != self.name:
+            return cast(argparse.ArgumentParser, _Unbuilt())
+        p = self.sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog="examples:\n" + "\n".join(f"  virt-balloon-stats {e}" for e in examples),
+            formatter_class=self.formatter_class,
+        )
+        add_common(p, suppress=True)
+        p.set_defaults(func=func, formats=formats, read_write=read_write, long_running=long_running)
+        return p
 
 
 def add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
