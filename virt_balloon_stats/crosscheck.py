@@ -7,7 +7,12 @@ unsupported must be absent from libvirt. A mismatch therefore means a bug
 in one of the two readers (or a libvirt that maps a name differently), not
 noise. The guest may answer between our two reads; then the two
 ``last-update`` values differ and the verdict is *inconclusive*, never a
-false mismatch. Pure: no I/O.
+false mismatch. The same holds for a machine reset between the two reads
+(QEMU 10.0 and later set ``last-update`` back to 0 and every figure to
+unsupported), and after one both sides agree that there is nothing. A
+figure libvirt has no name for (QEMU 9.2's OOM kills, allocation stalls,
+scans and reclaims, or a newer one) is *qmp only*: never compared, so
+never a mismatch. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ import dataclasses
 import enum
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from virt_balloon_stats.stats import ACTUAL, LAST_UPDATE, STATS_BY_QEMU_NAME, GuestStats
+from virt_balloon_stats.stats import ACTUAL, LAST_UPDATE, STATS, STATS_BY_QEMU_NAME, GuestStats
 
 __all__ = ["Verdict", "Result", "StatCheck", "CrossCheck", "crosscheck", "skipped"]
+
+
+#: Where each known stat sits in the table; names unknown to it come after.
+_ORDER = {spec.qemu: i for i, spec in enumerate(STATS)}
 
 
 class Verdict(str, enum.Enum):
@@ -27,7 +36,7 @@ class Verdict(str, enum.Enum):
     AGREE = "agree"
     MISMATCH = "mismatch"
     ABSENT = "absent"  # unsupported in QEMU and absent in libvirt: agreement on "nothing"
-    QMP_ONLY = "qmp_only"  # a figure libvirt has no name for (newer QEMU)
+    QMP_ONLY = "qmp_only"  # a figure libvirt has no name for (QEMU 9.2's, or newer)
 
 
 class Result(str, enum.Enum):
@@ -144,10 +153,11 @@ def crosscheck(guest: GuestStats, actual_bytes: Optional[int], memory_stats: Map
             ),
         )
     checks: List[StatCheck] = []
-    for name, value in guest.values.items():
+    # In the table's order, whatever order QEMU's reply had: the JSON lists stay stable.
+    for name, value in sorted(guest.values.items(), key=lambda kv: _ORDER.get(kv[0], len(_ORDER))):
         spec = STATS_BY_QEMU_NAME.get(name)
         if spec is None or spec.libvirt is None:
-            checks.append(StatCheck(name, Verdict.QMP_ONLY, value, None, "", ""))
+            checks.append(StatCheck(name, Verdict.QMP_ONLY, value, None, spec.unit if spec else "", ""))
             continue
         expected = None if value is None else spec.to_libvirt(value)
         checks.append(

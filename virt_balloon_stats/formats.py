@@ -84,6 +84,9 @@ def _stat_rows(sample: Sample, raw: bool) -> List[Tuple[str, str, str, str, str]
     for name in names:
         spec = STATS_BY_QEMU_NAME.get(name) or StatSpec(name, None, None, "count", "")
         qmp_value = sample.get(name)
+        if spec.libvirt is None and qmp_value is None:
+            # Neither side has anything: QEMU does not know it, or the guest does not send it.
+            continue
         lv = libvirt.get(spec.libvirt) if spec.libvirt else None
         verdict = sample.crosscheck.verdict_of(name)
         rows.append(

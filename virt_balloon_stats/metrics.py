@@ -11,7 +11,11 @@ never makes a scrape slow.
 Names follow Prometheus' conventions: base units (``_bytes``, ``_seconds``),
 ``_total`` only on counters, and every series labelled with the ``uri`` it
 was read through (so several ``-c`` URIs never collide). Unsupported figures
-are left out, never exported as 0.
+are left out, never exported as 0: after a machine reset (QEMU 10.0 and
+later report every figure unsupported until the guest driver answers again)
+the counters are absent for a while, then come back lower, which Prometheus
+takes for the counter reset it is. QEMU 9.2's stats, which libvirt has no
+key for, are counters under their own names like the others.
 
 ``prometheus_client`` is the optional extra ``exporter``; importing this
 module without it raises an :class:`~virt_balloon_stats.errors.InvalidArgument`

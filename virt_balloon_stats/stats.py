@@ -3,10 +3,12 @@
 :data:`STATS` is the only place in the package that spells a QEMU stat name
 or its libvirt counterpart. Everything is pure: values in, values out.
 
-Units: QEMU reports memory in bytes and faults / hugetlb events as counts;
-libvirt's ``memoryStats()`` reports memory in KiB (``bytes // 1024``) and the
-counts unchanged. Inside this package memory is always bytes; KiB appears
-only at the libvirt edge. ``None`` always means "not reported", never 0.
+Units: QEMU reports memory (including memory swapped, scanned or reclaimed)
+in bytes and events (faults, hugetlb allocations, OOM kills, allocation
+stalls) as counts; libvirt's ``memoryStats()`` reports memory in KiB
+(``bytes // 1024``) and the counts unchanged. Inside this package memory is
+always bytes; KiB appears only at the libvirt edge. ``None`` always means
+"not reported", never 0.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class StatSpec:
     :ivar unit: ``bytes`` or ``count`` on the QEMU side; libvirt gives KiB
         for ``bytes`` and the same number for ``count``.
     :ivar help: What the figure is, from the guest's point of view.
-    :ivar cumulative: Whether the figure only grows (faults, swap traffic):
-        a Prometheus counter, shown as a rate per second by ``watch``.
+    :ivar cumulative: Whether the figure only grows while the guest runs
+        (faults, swap traffic, OOM kills): a Prometheus counter, and a rate
+        per second in ``watch``. It starts again from 0 when the guest boots.
     """
 
     qemu: str
@@ -71,8 +74,11 @@ class StatSpec:
         return value * 1024 if self.unit == "bytes" else value
 
 
-#: The guest-stats figures QEMU 7.2 knows, in QEMU's order
-#: (docs/virtio-balloon-stats.txt), with libvirt's mapping.
+#: The guest-stats figures QEMU knows, in QEMU's order (``balloon_stat_names``
+#: in hw/virtio/virtio-balloon.c), with libvirt's mapping. The last six came
+#: with QEMU 9.2 and no libvirt maps them: a QEMU before 9.2 leaves them out,
+#: and a guest driver that does not send them leaves them unsupported. The
+#: Linux driver sends scans and reclaims as pages converted to bytes.
 STATS: Tuple[StatSpec, ...] = (
     StatSpec("stat-swap-in", "swap_in", "balloon.swap_in", "bytes", "memory swapped in", cumulative=True),
     StatSpec("stat-swap-out", "swap_out", "balloon.swap_out", "bytes", "memory swapped out", cumulative=True),
@@ -126,6 +132,54 @@ STATS: Tuple[StatSpec, ...] = (
         "balloon.hugetlb_pgfail",
         "count",
         "failed hugetlb page allocations",
+        cumulative=True,
+    ),
+    StatSpec(
+        "stat-oom-kills",
+        None,
+        None,
+        "count",
+        "processes killed by the guest's OOM killer (oom_kill)",
+        cumulative=True,
+    ),
+    StatSpec(
+        "stat-alloc-stalls",
+        None,
+        None,
+        "count",
+        "memory allocations that stalled to reclaim memory themselves (allocstall_*)",
+        cumulative=True,
+    ),
+    StatSpec(
+        "stat-async-scans",
+        None,
+        None,
+        "bytes",
+        "memory scanned for reclaim in the background by kswapd (pgscan_kswapd)",
+        cumulative=True,
+    ),
+    StatSpec(
+        "stat-direct-scans",
+        None,
+        None,
+        "bytes",
+        "memory scanned for reclaim by allocating tasks themselves (pgscan_direct)",
+        cumulative=True,
+    ),
+    StatSpec(
+        "stat-async-reclaims",
+        None,
+        None,
+        "bytes",
+        "memory reclaimed in the background by kswapd (pgsteal_kswapd)",
+        cumulative=True,
+    ),
+    StatSpec(
+        "stat-direct-reclaims",
+        None,
+        None,
+        "bytes",
+        "memory reclaimed by allocating tasks themselves (pgsteal_direct)",
         cumulative=True,
     ),
 )
@@ -223,12 +277,15 @@ def stats_from_libvirt(memory_stats: Mapping[str, int]) -> Tuple[GuestStats, Opt
     """Rebuild QEMU-named figures (in bytes) from libvirt's ``memoryStats()``.
 
     This is the ``libvirt`` source: no passthrough, no taint. Figures libvirt
-    leaves out (QEMU said unsupported, or libvirt has no name for them) are
-    ``None``. Returns the stats and ``actual`` in bytes.
+    leaves out (QEMU said unsupported) are ``None``. Figures libvirt has no
+    name for are not there at all, as from a QEMU that does not know them:
+    libvirt cannot say whether QEMU reported them. Returns the stats and
+    ``actual`` in bytes.
     """
     values: Dict[str, Optional[int]] = {}
     for spec in STATS:
-        assert spec.libvirt is not None
+        if spec.libvirt is None:
+            continue
         raw = memory_stats.get(spec.libvirt)
         values[spec.qemu] = None if raw is None else spec.from_libvirt(_libvirt_int(spec.libvirt, raw))
     last_update = memory_stats.get(LAST_UPDATE.libvirt or "")
@@ -308,7 +365,8 @@ def classify(
     :param has_balloon: Whether the domain has a balloon device.
     :param interval: The polling interval in seconds (QEMU's live value, or
         libvirt's period when QMP is not used); ``None`` when unknown.
-    :param last_update: Epoch seconds of the last update, ``None`` for never.
+    :param last_update: Epoch seconds of the last update, ``None`` for never
+        (QEMU's 0: not since the machine started, or was last reset).
     :param now: The current epoch time on the hypervisor.
     :param grace: Seconds of slack beyond ``2 x interval``.
     """

@@ -3,7 +3,9 @@
 Rates are computed over the guest's own clock (the change of ``last-update``
 between two samples), not over our sampling interval: the figures only move
 when the guest answers, so dividing by our interval would show bursts and
-zeros. A trend is a small sparkline of the last few values.
+zeros. A counter that falls means the guest's counters started again
+(a reboot, or a machine reset): that interval shows no rate. A trend is a
+small sparkline of the last few values.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Deque, Dict, Iterable, Optional, Sequence, Tup
 
 from virt_balloon_stats.formats import format_age, human_bytes, render_table
 from virt_balloon_stats.sample import Sample
+from virt_balloon_stats.stats import STATS
 
 if TYPE_CHECKING:
     from virt_balloon_stats.collector import HostState
@@ -47,6 +50,20 @@ def sparkline(values: Sequence[Optional[int]]) -> str:
     return "".join(out)
 
 
+def _restarted(before: Sample, after: Sample) -> bool:
+    """Whether any cumulative figure fell between two answers: the guest's counters started again.
+
+    A reboot restarts them all at once, so one that fell means the others'
+    differences span two boots as well, even those that happen to have grown.
+    """
+    for spec in STATS:
+        if spec.cumulative:
+            old, new = before.get(spec.qemu), after.get(spec.qemu)
+            if old is not None and new is not None and new < old:
+                return True
+    return False
+
+
 class Tracker:
     """Remembers the previous sample and a short history per domain (by UUID)."""
 
@@ -57,25 +74,44 @@ class Tracker:
         self._length = length
 
     def update(self, sample: Sample) -> None:
-        """Take in a new sample of a domain."""
+        """Take in a new sample of a domain.
+
+        A rate divides the change between two answers of the same guest
+        boot. Counters start again from 0 when the guest reboots (on any
+        QEMU), and a machine reset on QEMU 10.0 or later also sets
+        ``last-update`` back to 0 with every figure unsupported until the
+        driver answers again. A pair that straddles such a restart says
+        nothing about the traffic in between: clamping it to 0 would show
+        an idle guest, and dividing it a negative one. So that interval has
+        no rate, and rates resume from the next pair of answers.
+        """
         key = sample.uuid
         prev = self._previous.get(key)
-        if prev is not None and prev.last_update is not None and sample.last_update is not None:
-            elapsed = sample.last_update - prev.last_update
-            if elapsed > 0:
-                rates = {}
-                for name, _ in _RATES:
-                    old, new = prev.get(name), sample.get(name)
-                    if old is not None and new is not None:
-                        rates[name] = max(0.0, (new - old) / elapsed)
-                self._rates[key] = rates
         self._previous[key] = sample
         trends = self._trends.setdefault(key, {})
         for name in ("stat-free-memory", "stat-available-memory"):
             trends.setdefault(name, collections.deque(maxlen=self._length)).append(sample.get(name))
+        if sample.last_update is None:
+            # No answer from this boot of the guest (yet): any rate shown would be the last boot's.
+            self._rates.pop(key, None)
+            return
+        if prev is None or prev.last_update is None:
+            return
+        elapsed = sample.last_update - prev.last_update
+        if elapsed == 0:
+            return  # the guest has not answered again: the last rate still holds
+        if elapsed < 0 or _restarted(prev, sample):
+            self._rates.pop(key, None)
+            return
+        rates = {}
+        for name, _ in _RATES:
+            old, new = prev.get(name), sample.get(name)
+            if old is not None and new is not None:
+                rates[name] = (new - old) / elapsed
+        self._rates[key] = rates
 
     def rate(self, sample: Sample, name: str) -> Optional[float]:
-        """Per-second rate of a cumulative figure, once two answers were seen.
+        """Per-second rate of a cumulative figure, once two answers of the same boot were seen.
 
         ``None`` for a sample without figures (unreachable, unresponsive):
         a rate there would be a guess.

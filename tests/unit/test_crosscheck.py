@@ -2,7 +2,9 @@
 
 The recorded pairs (qom-get guest-stats and memoryStats() read at the same
 guest update on the testbed) must agree exactly. Disagreements are built by
-changing one recorded figure by the smallest amount that matters.
+changing one recorded figure by the smallest amount that matters; QEMU 9.2's
+extra stats and QEMU 10.0's machine reset are synthetic changes of the
+recorded pairs.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from hypothesis import strategies as st
 
 from tests.unit.conftest import load, scenario_names
 from virt_balloon_stats.crosscheck import CrossCheck, Result, Verdict, crosscheck, skipped
-from virt_balloon_stats.stats import STATS, STATS_BY_QEMU_NAME, parse_guest_stats
+from virt_balloon_stats.qompath import QOMPath
+from virt_balloon_stats.reading import crosscheck_same_update
+from virt_balloon_stats.stats import STATS, STATS_BY_QEMU_NAME, GuestStats, parse_guest_stats
 
 U64_MAX = 2**64 - 1
+
+#: The stats libvirt has a key for: the ones compared.
+MAPPED = tuple(s for s in STATS if s.libvirt is not None)
+
+#: QEMU 9.2's stats, which no libvirt maps.
+UNMAPPED = tuple(s for s in STATS if s.libvirt is None)
 
 #: Scenarios with a balloon, where QMP and libvirt were read at the same update.
 PAIRED = [n for n in scenario_names() if load(n)["balloon_path"]]
@@ -49,14 +59,16 @@ def test_recorded_pairs_agree_exactly(name):
     check = crosscheck(stats, actual, memory_stats)
     assert check.result is Result.AGREE
     assert check.mismatches == ()
-    assert check.checked == len(STATS) + 1
-    for spec in STATS:
+    assert check.checked == len(MAPPED) + 1
+    for spec in MAPPED:
         expected = Verdict.ABSENT if stats.get(spec.qemu) is None else Verdict.AGREE
         assert check.verdict_of(spec.qemu) is expected
+    for spec in UNMAPPED:
+        assert check.verdict_of(spec.qemu) is None  # QEMU 7.2 does not report them
     assert check.verdict_of("actual") is Verdict.AGREE
 
 
-@pytest.mark.parametrize("stat", [s.qemu for s in STATS if s.unit == "bytes"])
+@pytest.mark.parametrize("stat", [s.qemu for s in MAPPED if s.unit == "bytes"])
 def test_one_kib_difference_is_a_mismatch_with_values_and_units(stat):
     """libvirt's figure one KiB off: a mismatch that shows both values in their units."""
     stats, actual, memory_stats = _pair("virtio")
@@ -73,7 +85,7 @@ def test_one_kib_difference_is_a_mismatch_with_values_and_units(stat):
     }]
 
 
-@pytest.mark.parametrize("stat", [s.qemu for s in STATS if s.unit == "count"])
+@pytest.mark.parametrize("stat", [s.qemu for s in MAPPED if s.unit == "count"])
 def test_one_count_difference_is_a_mismatch(stat):
     """Counts are compared as they are: off by one is a mismatch."""
     stats, actual, memory_stats = _pair("virtio-hog")
@@ -139,15 +151,31 @@ def test_never_updated_zero_and_none_are_the_same_time():
 
 
 def test_unknown_stat_is_qmp_only_and_not_counted():
-    """Synthetic stat-oom-kills (QEMU 9.2+): reported as qmp_only, not a mismatch."""
+    """Synthetic name no QEMU has yet: reported as qmp_only, not a mismatch."""
     stats, actual, memory_stats = _pair("virtio")
-    values = dict(stats.values, **{"stat-oom-kills": 2})
-    newer = type(stats)(values=values, last_update=stats.last_update)
+    values = dict(stats.values, **{"stat-from-the-future": 2})
+    newer = GuestStats(values=values, last_update=stats.last_update)
     check = crosscheck(newer, actual, memory_stats)
     assert check.result is Result.AGREE
-    assert check.verdict_of("stat-oom-kills") is Verdict.QMP_ONLY
-    assert check.checked == len(STATS) + 1
-    assert check.to_dict()["qmp_only"] == ["stat-oom-kills"]
+    assert check.verdict_of("stat-from-the-future") is Verdict.QMP_ONLY
+    assert check.checked == len(MAPPED) + 1
+    assert check.to_dict()["qmp_only"] == ["stat-from-the-future"]
+
+
+@pytest.mark.parametrize("reported", [True, False], ids=["newer-guest", "older-guest"])
+def test_qemu_9_2_stats_are_qmp_only_never_a_mismatch_nor_missing(reported):
+    """Synthetic QEMU 9.2 reply: its six stats, sent or unsupported, are qmp_only, not counted as checked."""
+    stats, actual, memory_stats = _pair("virtio")
+    extra = {s.qemu: (i + 1) * 4096 if reported else None for i, s in enumerate(UNMAPPED)}
+    newer = GuestStats(values=dict(stats.values, **extra), last_update=stats.last_update)
+    check = crosscheck(newer, actual, memory_stats)
+    assert check.result is Result.AGREE and check.mismatches == ()
+    assert check.checked == len(MAPPED) + 1
+    assert check.to_dict()["qmp_only"] == [s.qemu for s in UNMAPPED]
+    for spec in UNMAPPED:
+        [entry] = [c for c in check.checks if c.stat == spec.qemu]
+        assert (entry.verdict, entry.qmp, entry.libvirt) == (Verdict.QMP_ONLY, extra[spec.qemu], None)
+        assert (entry.unit, entry.libvirt_unit) == (spec.unit, "")
 
 
 def test_without_actual_only_guest_stats_are_compared():
@@ -155,7 +183,7 @@ def test_without_actual_only_guest_stats_are_compared():
     stats, _, memory_stats = _pair("virtio")
     check = crosscheck(stats, None, memory_stats)
     assert check.verdict_of("actual") is None
-    assert check.checked == len(STATS)
+    assert check.checked == len(MAPPED)
 
 
 def test_to_dict_shape():
@@ -165,7 +193,7 @@ def test_to_dict_shape():
     doc = crosscheck(stats, actual, memory_stats).to_dict()
     assert doc == {
         "result": "mismatch",
-        "checked": len(STATS) + 1,
+        "checked": len(MAPPED) + 1,
         "mismatches": [{"stat": "stat-swap-in", "qmp": stats.get("stat-swap-in"), "libvirt": 7,
                         "unit": "bytes", "libvirt_unit": "KiB"}],
         "qmp_only": [],
@@ -182,11 +210,11 @@ def test_skipped_carries_its_reason():
 
 
 def _libvirt_view(values, last_update, actual):
-    """libvirt's own mapping (qemuMonitorJSONGetMemoryStats): KiB for bytes, drop unsupported."""
+    """libvirt's own mapping (qemuMonitorJSONGetMemoryStats): KiB for bytes, drop unsupported and unnamed."""
     out = {}
     for name, raw in values.items():
         spec = STATS_BY_QEMU_NAME[name]
-        if raw in (-1, U64_MAX):
+        if raw in (-1, U64_MAX) or spec.libvirt is None:
             continue
         out[spec.libvirt] = raw // 1024 if spec.unit == "bytes" else raw
     out["last_update"] = last_update
@@ -208,4 +236,89 @@ def test_libvirts_mapping_always_agrees(values, last_update, actual):
     stats = parse_guest_stats({"stats": values, "last-update": last_update})
     check = crosscheck(stats, actual, _libvirt_view(values, last_update, actual))
     assert check.result is Result.AGREE
-    assert check.checked == len(values) + 1
+    assert check.checked == sum(1 for name in values if STATS_BY_QEMU_NAME[name].libvirt) + 1
+
+
+# -- a machine reset (QEMU 10.0) --------------------------------------------------------------
+
+
+def _reset(stats, memory_stats):
+    """Synthetic: both sides of a recorded pair right after a QEMU 10.0 machine reset.
+
+    QEMU sets last-update to 0 and every figure to unsupported; libvirt then
+    drops every guest figure and keeps last_update 0, actual and rss, as the
+    recorded ``nodriver`` pair shows for a guest that never answered.
+    """
+    after = GuestStats(values={name: None for name in stats.values}, last_update=None)
+    kept = {k: memory_stats[k] for k in ("actual", "rss") if k in memory_stats}
+    return after, dict(kept, last_update=0)
+
+
+@pytest.mark.parametrize("name", ["virtio", "virtio-hog", "transitional"])
+def test_reset_seen_by_both_sides_agrees_on_nothing(name):
+    """Both read after the reset: every figure absent on both sides, never a mismatch."""
+    stats, actual, memory_stats = _pair(name)
+    values = dict(stats.values, **{s.qemu: 7 for s in UNMAPPED})
+    with_new = GuestStats(values=values, last_update=stats.last_update)
+    after, libvirt_after = _reset(with_new, memory_stats)
+    check = crosscheck(after, actual, libvirt_after)
+    assert check.result is Result.AGREE and check.mismatches == ()
+    assert all(check.verdict_of(s.qemu) is Verdict.ABSENT for s in MAPPED)
+    assert all(check.verdict_of(s.qemu) is Verdict.QMP_ONLY for s in UNMAPPED)
+    assert check.verdict_of("actual") is Verdict.AGREE
+
+
+def test_reset_with_libvirt_leaving_out_last_update_agrees_too():
+    """A libvirt that drops a last_update of 0 altogether: still the same "never" as QEMU's 0."""
+    stats, actual, memory_stats = _pair("virtio")
+    after, libvirt_after = _reset(stats, memory_stats)
+    del libvirt_after["last_update"]
+    assert crosscheck(after, actual, libvirt_after).result is Result.AGREE
+
+
+@pytest.mark.parametrize("qemu_first", [True, False], ids=["reset-after-qemu", "reset-after-libvirt"])
+def test_reset_between_the_two_reads_is_inconclusive_not_mismatch(qemu_first):
+    """One side read before the reset and one after: the update times differ, so no verdict on any figure."""
+    stats, actual, memory_stats = _pair("virtio")
+    after, libvirt_after = _reset(stats, memory_stats)
+    guest, libvirt = (stats, libvirt_after) if qemu_first else (after, memory_stats)
+    check = crosscheck(guest, actual, libvirt)
+    assert check.result is Result.INCONCLUSIVE
+    assert check.checks == () and check.mismatches == ()
+    assert "answered between the two reads" in check.reason
+
+
+@pytest.mark.parametrize(
+    "case, reads",
+    [
+        ("qemu-before-reset", ["libvirt", "qemu", "libvirt"]),
+        ("bulk-record-before-reset", ["libvirt"]),
+    ],
+)
+def test_reading_across_a_reset_rereads_until_both_saw_it(case, reads):
+    """A reset between the reads: the side that saw the old figures is read again, and then both agree.
+
+    ``qemu-before-reset``: QEMU answered with figures, libvirt (asked next)
+    after the reset. ``bulk-record-before-reset``: the collector's bulk
+    record dates from before the reset, QEMU from after it.
+    """
+    stats, actual, memory_stats = _pair("virtio")
+    after, libvirt_after = _reset(stats, memory_stats)
+    path = QOMPath(load("virtio")["balloon_path"], "virtio-balloon-pci", "alias", "recorded")
+    seen_reads = []
+
+    def reread():
+        seen_reads.append("qemu")
+        return path, after
+
+    def libvirt():
+        seen_reads.append("libvirt")
+        return libvirt_after
+
+    first, given = (stats, None) if case == "qemu-before-reset" else (after, memory_stats)
+    _, seen, libvirt_seen, check = crosscheck_same_update(
+        path, first, actual, given, reread=reread, libvirt=libvirt
+    )
+    assert check.result is Result.AGREE and check.mismatches == ()
+    assert seen is after and libvirt_seen == libvirt_after
+    assert seen_reads == reads

@@ -1,7 +1,8 @@
 """virt_balloon_stats.formats: human units, the stats table, JSON and Prometheus text.
 
 Samples are produced by the real client from the recorded scenarios, so the
-renderers see exactly what a run on the testbed would give them.
+renderers see exactly what a run on the testbed would give them; QEMU 9.2's
+extra stats are added to a recorded reply (synthetic).
 """
 
 from __future__ import annotations
@@ -21,12 +22,35 @@ from virt_balloon_stats.formats import (
 from virt_balloon_stats.stats import STATS
 
 
-def _sample(name, source="both", rename=None):
+U64_MAX = 2**64 - 1
+
+#: QEMU 9.2's stats, which libvirt has no key for.
+UNMAPPED = [s for s in STATS if s.libvirt is None]
+
+
+def _sample(name, source="both", rename=None, extra=None):
+    """The real client's sample of a recorded scenario.
+
+    :param extra: Figures added to the recorded guest-stats reply, as a
+        QEMU 9.2 would send them (synthetic: the testbed runs QEMU 7.2).
+    """
     fixture = load(name)
     if rename is not None:
         fixture["domain"]["name"] = rename
+    if extra is not None:
+        for exchange in fixture["qmp"]:
+            if exchange["command"].get("arguments", {}).get("property") == "guest-stats":
+                reply = json.loads(exchange["reply"])
+                if "return" in reply:
+                    reply["return"]["stats"].update(extra)
+                    exchange["reply"] = json.dumps(reply)
     w = World([fixture], now=now_for(fixture))
     return w.client.sample(fixture["domain"]["name"], source=source)
+
+
+def _rows(text):
+    """The figure rows of a stats table, split into columns, by QEMU name."""
+    return {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  stat-")}
 
 
 @pytest.mark.parametrize(
@@ -77,8 +101,11 @@ def test_render_stats_puts_libvirts_name_beside_each_qemu_name(name):
     """Every QEMU figure has its row, with libvirt's key in the LIBVIRT column of the same row."""
     sample = _sample(name)
     text = render_stats([sample])
-    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  stat-")}
+    rows = _rows(text)
     for spec in STATS:
+        if spec.libvirt is None:
+            assert spec.qemu not in rows, spec.qemu  # QEMU 7.2 does not report it: no row
+            continue
         assert spec.qemu in rows, spec.qemu
         assert spec.libvirt in rows[spec.qemu][1:], rows[spec.qemu]
     assert f"Domain: {sample.domain}" in text
@@ -105,6 +132,47 @@ def test_render_stats_shows_unsupported_as_dash_and_says_so():
     row = next(line for line in text.splitlines() if line.startswith("  stat-free-memory"))
     assert row.split()[1] == "-"
     assert "unsupported" in row
+
+
+def test_render_stats_shows_qemu_9_2_figures_with_nothing_on_libvirts_side():
+    """A figure libvirt has no key for: QEMU's value (bytes in binary units), dashes, "qmp only"."""
+    extra = {"stat-oom-kills": 3, "stat-async-scans": 4096 * 512, "stat-direct-reclaims": 0}
+    extra.update({s.qemu: U64_MAX for s in UNMAPPED if s.qemu not in extra})
+    sample = _sample("virtio", extra=extra)
+    assert sample.crosscheck.result.value == "agree"
+    human = _rows(render_stats([sample]))
+    raw = _rows(render_stats([sample], raw_bytes=True))
+    assert human["stat-oom-kills"] == ["stat-oom-kills", "3", "-", "-", "qmp", "only"]
+    assert human["stat-async-scans"] == ["stat-async-scans", "2.0", "MiB", "-", "-", "qmp", "only"]
+    assert raw["stat-async-scans"] == ["stat-async-scans", str(4096 * 512), "-", "-", "qmp", "only"]
+    assert human["stat-direct-reclaims"] == ["stat-direct-reclaims", "0", "B", "-", "-", "qmp", "only"]
+    # An older guest on QEMU 9.2 leaves the rest unsupported: nothing to show on either side, no row.
+    for name in ("stat-alloc-stalls", "stat-direct-scans", "stat-async-reclaims"):
+        assert name not in human
+    assert [r[0] for r in human.values()][: len(STATS) - len(UNMAPPED)] == [
+        s.qemu for s in STATS if s.libvirt is not None
+    ]
+
+
+def test_json_has_qemu_9_2_figures_as_qemu_gave_them_and_libvirt_without_them():
+    """JSON: QEMU's figures by name (null where unsupported), listed as qmp_only; libvirt's as before."""
+    extra = {s.qemu: U64_MAX for s in UNMAPPED}
+    extra["stat-oom-kills"] = 1
+    sample = _sample("virtio", extra=extra)
+    doc = json.loads(render_json([sample.to_dict()]))[0]
+    assert doc["stats"]["stat-oom-kills"] == 1
+    assert doc["stats"]["stat-async-scans"] is None
+    assert doc["libvirt"] == load("virtio")["memory_stats"]
+    assert doc["crosscheck"]["result"] == "agree" and doc["crosscheck"]["mismatches"] == []
+    assert doc["crosscheck"]["qmp_only"] == [s.qemu for s in UNMAPPED]
+    assert doc["crosscheck"]["checked"] == len(STATS) - len(UNMAPPED) + 1
+
+
+def test_libvirt_source_has_no_qemu_9_2_figures():
+    """The libvirt source cannot see them: neither in the table nor in the JSON, not even as null."""
+    sample = _sample("virtio", source="libvirt", extra={"stat-oom-kills": 1})
+    assert set(sample.to_dict()["stats"]) == {s.qemu for s in STATS if s.libvirt is not None}
+    assert not set(_rows(render_stats([sample]))) & {s.qemu for s in UNMAPPED}
 
 
 def test_render_stats_of_no_balloon_has_no_table():

@@ -4,6 +4,8 @@ Every cycle is a real :class:`~virt_balloon_stats.collector.Collector`'s over
 fake libvirt domains and recorded QMP replies, and every exposition is read
 back with ``prometheus_client``'s own parser, so a test fails on what
 Prometheus itself would reject or misread, not on a hand-written regex.
+QEMU 9.2's extra stats and QEMU 10.0's machine reset are synthetic changes of
+the recorded replies.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ OTHER_URI = "qemu+ssh://other.example/system"
 
 #: Labels of every series about one domain.
 DOMAIN_LABELS = {"uri", "domain", "uuid"}
+
+U64_MAX = 2**64 - 1
+
+#: The stats libvirt maps (all QEMU 7.2 reports), and QEMU 9.2's, which it does not.
+MAPPED = [s for s in STATS if s.libvirt is not None]
+UNMAPPED = [s for s in STATS if s.libvirt is None]
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -89,6 +97,55 @@ def _of(parsed: List[Tuple[str, Dict[str, str], float]], name: str) -> List[Tupl
     return [(labels, value) for n, labels, value in parsed if n == name]
 
 
+def _guest_stats_command(fixture: Dict[str, Any]) -> Dict[str, Any]:
+    return {"execute": "qom-get", "arguments": {"path": fixture["balloon_path"], "property": "guest-stats"}}
+
+
+def _recorded_guest_stats(fixture: Dict[str, Any]) -> Dict[str, Any]:
+    """The recorded ``guest-stats`` value of a scenario."""
+    command = _guest_stats_command(fixture)
+    return json.loads(next(q["reply"] for q in fixture["qmp"] if q["command"] == command))["return"]
+
+
+def _guest_answers(w: World, values: Dict[str, Optional[int]], last_update: int) -> None:
+    """Synthetic: from now on QEMU and libvirt both report these figures (``None``: unsupported).
+
+    QEMU's ``guest-stats`` reply is the recorded one with its figures and
+    ``last-update`` replaced; libvirt's memoryStats() and bulk record are
+    what libvirt makes of them (KiB, unsupported and unnamed figures left
+    out), with the recorded ``actual`` and ``rss``, so the cross-check has
+    nothing to re-read.
+    """
+    fixture = w.fixtures[0]
+    reply = {"return": {"stats": {n: U64_MAX if v is None else v for n, v in values.items()},
+                        "last-update": last_update}}
+    w.transport.answer(w.domain.UUIDString(), _guest_stats_command(fixture), json.dumps(reply))
+    memory = {k: fixture["memory_stats"][k] for k in ("actual", "rss")}
+    kept = ("balloon.current", "balloon.maximum", "balloon.rss")
+    record = {k: fixture["all_domain_stats"][k] for k in kept}
+    for spec in MAPPED:
+        value = values.get(spec.qemu)
+        if value is not None:
+            memory[spec.libvirt] = record[spec.domstats] = spec.to_libvirt(value)
+    memory["last_update"] = record["balloon.last-update"] = last_update
+    fixture["memory_stats"], fixture["all_domain_stats"] = memory, record
+
+
+def _keep_interval(w: World) -> None:
+    """QEMU answers the polling interval with its first recorded reply (2 s) from now on.
+
+    The recordings read it again after ``qom-set`` 0 and 3; a status change
+    makes the collector re-read it, and this test is not about those.
+    """
+    fixture = w.fixtures[0]
+    command = {
+        "execute": "qom-get",
+        "arguments": {"path": fixture["balloon_path"], "property": "guest-stats-polling-interval"},
+    }
+    first = next(q["reply"] for q in fixture["qmp"] if q["command"] == command)
+    w.transport.answer(w.domain.UUIDString(), command, first)
+
+
 def _libvirt_calls(w: World) -> int:
     """Every call that reached the fake libvirt: connection, domains, and QEMU passthrough."""
     return len(w.conn.calls) + sum(len(d.calls) for d in w.domains) + len(w.transport.sent)
@@ -104,6 +161,12 @@ def _libvirt_calls(w: World) -> int:
         (STATS_BY_QEMU_NAME["stat-swap-in"], "virt_balloon_swap_in_bytes_total"),
         (STATS_BY_QEMU_NAME["stat-minor-faults"], "virt_balloon_minor_faults_total"),
         (STATS_BY_QEMU_NAME["stat-htlb-pgfail"], "virt_balloon_htlb_pgfail_total"),
+        (STATS_BY_QEMU_NAME["stat-oom-kills"], "virt_balloon_oom_kills_total"),
+        (STATS_BY_QEMU_NAME["stat-alloc-stalls"], "virt_balloon_alloc_stalls_total"),
+        (STATS_BY_QEMU_NAME["stat-async-scans"], "virt_balloon_async_scans_bytes_total"),
+        (STATS_BY_QEMU_NAME["stat-direct-scans"], "virt_balloon_direct_scans_bytes_total"),
+        (STATS_BY_QEMU_NAME["stat-async-reclaims"], "virt_balloon_async_reclaims_bytes_total"),
+        (STATS_BY_QEMU_NAME["stat-direct-reclaims"], "virt_balloon_direct_reclaims_bytes_total"),
         (ACTUAL, "virt_balloon_actual_bytes"),
     ],
 )
@@ -131,9 +194,11 @@ def test_every_known_figure_once_per_domain_in_qemus_unit_with_uri_domain_uuid()
             if labels.get("uuid") == s.uuid and "status" not in labels:
                 assert labels == {"uri": URI, "domain": s.domain, "uuid": s.uuid}, name
                 mine.setdefault(name, []).append(value)
-        for spec in STATS:
-            assert s.get(spec.qemu) is not None, spec.qemu  # the recording has every figure
+        for spec in MAPPED:
+            assert s.get(spec.qemu) is not None, spec.qemu  # the recording has every figure of QEMU 7.2
             assert mine[metric_name(spec)] == [s.get(spec.qemu)], spec.qemu
+        for spec in UNMAPPED:
+            assert metric_name(spec) not in mine, spec.qemu  # QEMU 7.2 does not know it: nothing
         assert mine["virt_balloon_actual_bytes"] == [s.actual_bytes]
         assert mine["virt_balloon_last_update_seconds"] == [s.last_update]
         assert mine["virt_balloon_polling_interval_seconds"] == [s.polling.qemu_interval]
@@ -160,7 +225,8 @@ def test_counters_are_exactly_the_cumulative_stats_and_only_they_end_in_total():
     families = _families(render(cycle, totals))
     counters = {name for name, f in families.items() if f.type == "counter"}
     self_counters = {"virt_balloon_cycles", "virt_balloon_libvirt_calls", "virt_balloon_errors"}
-    assert counters == {metric_name(s)[: -len("_total")] for s in STATS if s.cumulative} | self_counters
+    # The recording is QEMU 7.2's: the cumulative stats it has are the ones libvirt maps.
+    assert counters == {metric_name(s)[: -len("_total")] for s in MAPPED if s.cumulative} | self_counters
     for name, family in families.items():
         for sample in family.samples:
             if family.type == "counter":
@@ -198,21 +264,105 @@ def test_unknown_stat_goes_to_guest_stat_with_a_stat_label():
     """A stat unknown to this version is virt_balloon_guest_stat{stat=...}; an unsupported one is left out."""
     w = _world(["virtio"])
     fixture = w.fixtures[0]
-    command = {
-        "execute": "qom-get", "arguments": {"path": fixture["balloon_path"], "property": "guest-stats"}
-    }
-    reply = json.loads(next(q["reply"] for q in fixture["qmp"] if q["command"] == command))
-    # Synthetic: QEMU 9.2+ also reports these (the testbed's QEMU 7.2 does not).
-    reply["return"]["stats"].update({"stat-oom-kills": 4, "stat-alloc-stalls": 2**64 - 1})
-    w.transport.answer(w.domain.UUIDString(), command, json.dumps(reply))
+    value = _recorded_guest_stats(fixture)
+    # Synthetic: names no QEMU has yet.
+    value["stats"].update({"stat-from-the-future": 4, "stat-from-the-future-2": U64_MAX})
+    _guest_answers(w, value["stats"], value["last-update"])
     cycle, totals = _collect(w, source="qmp")
     [sample] = cycle.samples
-    assert sample.stats.values["stat-oom-kills"] == 4
+    assert sample.stats.values["stat-from-the-future"] == 4
     parsed = _samples(render(cycle, totals))
     extra = [(labels, value) for labels, value in _of(parsed, "virt_balloon_guest_stat")]
-    labels = {"uri": URI, "domain": sample.domain, "uuid": sample.uuid, "stat": "stat-oom-kills"}
+    labels = {"uri": URI, "domain": sample.domain, "uuid": sample.uuid, "stat": "stat-from-the-future"}
     assert extra == [(labels, 4.0)]
     assert _of(parsed, "virt_balloon_free_memory_bytes")  # the known ones are still under their names
+
+
+def test_qemu_9_2_stats_are_counters_under_their_own_names():
+    """OOM kills & co are counters named like the others (scans, reclaims in bytes); unsupported: none."""
+    w = _world(["virtio"])
+    value = _recorded_guest_stats(w.fixtures[0])
+    # Synthetic: QEMU 9.2 with a guest driver that sends some of them (the testbed's QEMU 7.2 does not).
+    value["stats"].update({
+        "stat-oom-kills": 4, "stat-alloc-stalls": 0, "stat-async-scans": 4096 * 1000,
+        "stat-direct-scans": U64_MAX, "stat-async-reclaims": 4096 * 800, "stat-direct-reclaims": U64_MAX,
+    })
+    _guest_answers(w, value["stats"], value["last-update"])
+    cycle, totals = _collect(w)
+    [sample] = cycle.samples
+    assert sample.crosscheck.result.value == "agree"
+    text = render(cycle, totals)
+    families, parsed = _families(text), _samples(text)
+    ids = {"uri": URI, "domain": sample.domain, "uuid": sample.uuid}
+    assert _of(parsed, "virt_balloon_oom_kills_total") == [(ids, 4.0)]
+    assert _of(parsed, "virt_balloon_alloc_stalls_total") == [(ids, 0.0)]
+    assert _of(parsed, "virt_balloon_async_scans_bytes_total") == [(ids, 4096.0 * 1000)]
+    assert _of(parsed, "virt_balloon_async_reclaims_bytes_total") == [(ids, 4096.0 * 800)]
+    for name in ("virt_balloon_oom_kills", "virt_balloon_async_scans_bytes"):
+        assert families[name].type == "counter"
+        assert "QEMU's stat-" in families[name].documentation
+    assert not _of(parsed, "virt_balloon_direct_scans_bytes_total")
+    assert not _of(parsed, "virt_balloon_direct_reclaims_bytes_total")
+    assert not _of(parsed, "virt_balloon_guest_stat")
+    assert _of(parsed, "virt_balloon_crosscheck_mismatches") == [(ids, 0.0)]
+
+
+def test_reset_sequence_figures_then_nothing_then_figures_again():
+    """figures -> machine reset (last-update 0, all unsupported) -> small figures: what each scrape shows.
+
+    While the figures are unsupported the counter series are absent (not 0,
+    not 2^64-1), so Prometheus sees a gap and then a lower value: a counter
+    reset, which rate() handles. No _created sample is exported at any step.
+    """
+    w = _world(["virtio"])
+    _keep_interval(w)
+    recorded = _recorded_guest_stats(w.fixtures[0])
+    since = recorded["last-update"]
+    clock = [since + 1.0]
+    client = BalloonStats(w.host, QMPClient(w.transport), clock=lambda: clock[0])
+    # Synthetic: QEMU 10.0 with a guest that sends QEMU 9.2's stats too.
+    before = dict(recorded["stats"], **{s.qemu: 1000 + i for i, s in enumerate(UNMAPPED)})
+    before["stat-minor-faults"] = 5000
+    after = {name: 0 for name in before}
+    after.update({"stat-minor-faults": 40, "stat-free-memory": before["stat-free-memory"],
+                  "stat-total-memory": before["stat-total-memory"],
+                  "stat-available-memory": before["stat-available-memory"], "stat-oom-kills": 1})
+    steps = [
+        ("figures", before, since, since + 1.0),
+        ("reset", {name: None for name in before}, 0, since + 30.0),
+        ("again", after, since + 40, since + 41.0),
+    ]
+    counters = [s for s in STATS if s.cumulative]
+    with Collector(clients=[client], timeout=TIMEOUT, clock=lambda: clock[0]) as collector:
+        for step, values, last_update, now in steps:
+            _guest_answers(w, values, last_update)
+            clock[0] = now
+            cycle = collector.collect()
+            [sample] = cycle.samples
+            text = render(cycle, collector.totals)
+            families, parsed = _families(text), _samples(text)
+            ids = {"uri": URI, "domain": sample.domain, "uuid": sample.uuid}
+            status = {labels["status"]: value for labels, value in _of(parsed, "virt_balloon_status")}
+            assert "_created" not in text, step
+            assert str(U64_MAX) not in text and "1.8446744073709552e+19" not in text, step
+            assert _of(parsed, "virt_balloon_crosscheck_mismatches") == [(ids, 0.0)], step
+            assert _of(parsed, "virt_balloon_actual_bytes") == [(ids, float(sample.actual_bytes))], step
+            for family in families.values():
+                if family.type == "counter":
+                    assert all(x.name.endswith("_total") for x in family.samples), family.name
+            if step == "reset":
+                assert sample.status is Status.NEVER_UPDATED, step
+                assert status[Status.NEVER_UPDATED.value] == 1.0 and sum(status.values()) == 1.0
+                assert not {metric_name(s) for s in STATS} & {name for name, _, _ in parsed}
+                assert not _of(parsed, "virt_balloon_guest_stat")
+                assert not _of(parsed, "virt_balloon_last_update_seconds")
+                continue
+            assert sample.status is Status.OK, (step, sample.message)
+            assert _of(parsed, "virt_balloon_last_update_seconds") == [(ids, float(last_update))], step
+            for spec in counters:
+                assert families[metric_name(spec)[: -len("_total")]].type == "counter", spec.qemu
+                assert _of(parsed, metric_name(spec)) == [(ids, float(values[spec.qemu]))], (step, spec.qemu)
+    assert after["stat-minor-faults"] < before["stat-minor-faults"]  # what Prometheus reads as a reset
 
 
 def test_help_and_type_once_per_family_with_many_domains():

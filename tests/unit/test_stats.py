@@ -1,12 +1,14 @@
 """virt_balloon_stats.stats: the stat table, parsing guest-stats, libvirt's view, classify.
 
 Parsing is checked on every ``qom-get ... guest-stats`` reply recorded on the
-testbed (QEMU 7.2 prints "unsupported" as 2^64-1); older QEMU's ``-1`` and
-newer QEMU's extra stat names are synthetic inputs built inline.
+testbed (QEMU 7.2 prints "unsupported" as 2^64-1); older QEMU's ``-1``, QEMU
+9.2's six extra stats, QEMU 10.0's reset reply and names from a QEMU yet to
+come are synthetic inputs built inline or from the recordings.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -33,6 +35,15 @@ from virt_balloon_stats.stats import (
 
 #: How QEMU 7.2 prints an unsupported figure (uint64 -1), as recorded.
 U64_MAX = 2**64 - 1
+
+#: The stats QEMU 9.2 added, which no libvirt maps.
+QEMU_9_2 = (
+    "stat-oom-kills", "stat-alloc-stalls", "stat-async-scans",
+    "stat-direct-scans", "stat-async-reclaims", "stat-direct-reclaims",
+)
+
+#: A stat name no QEMU has (yet): what this version must keep without knowing it.
+FUTURE = "stat-from-the-future"
 
 GUEST_STATS_REPLIES = [
     pytest.param(name, json.loads(q["reply"])["return"], id=f"{name}-{i}")
@@ -71,10 +82,20 @@ def test_used_bytes_is_total_minus_available(name, value):
         assert stats.used_bytes > 0
 
 
-def test_recorded_qemu_names_are_exactly_the_table():
-    """QEMU 7.2 reports exactly the ten names of STATS."""
+def test_recorded_qemu_names_are_exactly_the_table_before_9_2():
+    """QEMU 7.2 reports exactly the stats of STATS that libvirt maps, and none of QEMU 9.2's."""
     names = {k for p in GUEST_STATS_REPLIES for k in p.values[1]["stats"]}
-    assert names == set(STATS_BY_QEMU_NAME)
+    assert names == {s.qemu for s in STATS if s.libvirt is not None}
+    assert names | set(QEMU_9_2) == set(STATS_BY_QEMU_NAME)
+
+
+def test_qemu_9_2_stats_are_in_the_table_without_a_libvirt_name():
+    """The six QEMU 9.2 stats, in QEMU's order after the older ones, all counters, none mapped by libvirt."""
+    assert tuple(s.qemu for s in STATS[-len(QEMU_9_2):]) == QEMU_9_2
+    for name in QEMU_9_2:
+        spec = STATS_BY_QEMU_NAME[name]
+        assert (spec.libvirt, spec.domstats, spec.cumulative) == (None, None, True), name
+        assert spec.help and "(" in spec.help, name  # says which /proc/vmstat figure it is
 
 
 def test_minus_one_is_unsupported_too():
@@ -85,14 +106,34 @@ def test_minus_one_is_unsupported_too():
 
 
 def test_unknown_stat_names_from_newer_qemu_are_kept():
-    """Synthetic: QEMU 9.2+ adds stat-oom-kills & co; they are kept, unsupported ones as None."""
+    """Synthetic: a name no QEMU has yet is kept, an unsupported one as None."""
     value = {
-        "stats": {"stat-free-memory": 4096, "stat-oom-kills": 3, "stat-alloc-stalls": U64_MAX},
+        "stats": {"stat-free-memory": 4096, FUTURE: 3, FUTURE + "-2": U64_MAX},
         "last-update": 1795660879,
     }
     stats = parse_guest_stats(value)
-    assert stats.values == {"stat-free-memory": 4096, "stat-oom-kills": 3, "stat-alloc-stalls": None}
-    assert "stat-oom-kills" not in STATS_BY_QEMU_NAME
+    assert stats.values == {"stat-free-memory": 4096, FUTURE: 3, FUTURE + "-2": None}
+    assert FUTURE not in STATS_BY_QEMU_NAME
+
+
+def _qemu_9_2_reply(name="virtio", **figures):
+    """Synthetic: a recorded QEMU 7.2 guest-stats value with QEMU 9.2's six stats added."""
+    value = copy.deepcopy(next(p.values[1] for p in GUEST_STATS_REPLIES if p.values[0] == name))
+    value["stats"].update({k.replace("_", "-"): v for k, v in figures.items()})
+    return value
+
+
+def test_qemu_9_2_stats_parse_as_figures_and_unsupported_as_none():
+    """A newer guest sends them all; an older guest on QEMU 9.2 leaves them 2^64-1: None, never 0."""
+    value = _qemu_9_2_reply(
+        stat_oom_kills=2, stat_alloc_stalls=17, stat_async_scans=4096 * 300,
+        stat_direct_scans=U64_MAX, stat_async_reclaims=4096 * 120, stat_direct_reclaims=U64_MAX,
+    )
+    stats = parse_guest_stats(value)
+    assert stats.get("stat-oom-kills") == 2
+    assert stats.get("stat-async-scans") == 4096 * 300
+    assert stats.get("stat-direct-scans") is None and "stat-direct-scans" in stats.values
+    assert stats.get("stat-free-memory") == value["stats"]["stat-free-memory"]
 
 
 def test_get_of_an_absent_name_is_none():
@@ -150,10 +191,19 @@ def test_stats_from_libvirt_matches_qmp_to_the_kib(name):
     from_libvirt, _ = stats_from_libvirt(fixture["memory_stats"])
     assert qmp.last_update == from_libvirt.last_update
     for spec in STATS:
+        if spec.libvirt is None:
+            continue
         expected = qmp.get(spec.qemu)
         if spec.unit == "bytes":
             expected = expected // 1024 * 1024
         assert from_libvirt.get(spec.qemu) == expected
+
+
+def test_stats_from_libvirt_leaves_out_what_libvirt_cannot_name():
+    """libvirt has no key for QEMU 9.2's stats: the libvirt source does not have them, not even as None."""
+    stats, _ = stats_from_libvirt(load("virtio")["memory_stats"])
+    assert set(stats.values) == {s.qemu for s in STATS if s.libvirt is not None}
+    assert not set(stats.values) & set(QEMU_9_2)
 
 
 @pytest.mark.parametrize("name", scenario_names())
@@ -174,7 +224,7 @@ def test_memory_stats_from_domstats_renames_the_odd_ones():
 
 
 def test_stat_table_units():
-    """Memory in bytes (libvirt KiB), faults and hugetlb events as counts; cumulative ones are counters."""
+    """Memory in bytes (libvirt KiB), events as counts; cumulative ones are counters."""
     units = {s.qemu: (s.unit, s.libvirt_unit) for s in STATS + (ACTUAL, RSS)}
     assert units["stat-free-memory"] == ("bytes", "KiB")
     assert units["stat-major-faults"] == ("count", "count")
@@ -184,6 +234,19 @@ def test_stat_table_units():
     assert {s.qemu for s in STATS if s.cumulative} == {
         "stat-swap-in", "stat-swap-out", "stat-major-faults", "stat-minor-faults",
         "stat-htlb-pgalloc", "stat-htlb-pgfail",
+    } | set(QEMU_9_2)
+
+
+def test_qemu_9_2_units_are_the_guest_drivers():
+    """OOM kills and allocation stalls are event counts; scans and reclaims are pages sent as bytes."""
+    units = {name: STATS_BY_QEMU_NAME[name].unit for name in QEMU_9_2}
+    assert units == {
+        "stat-oom-kills": "count",
+        "stat-alloc-stalls": "count",
+        "stat-async-scans": "bytes",
+        "stat-direct-scans": "bytes",
+        "stat-async-reclaims": "bytes",
+        "stat-direct-reclaims": "bytes",
     }
 
 
@@ -240,6 +303,34 @@ def test_classify_default_grace_is_five_seconds():
     ok, _ = classify(state="running", has_balloon=True, interval=2, last_update=100, now=109)
     stale, _ = classify(state="running", has_balloon=True, interval=2, last_update=100, now=110)
     assert (ok, stale) == (Status.OK, Status.STALE)
+
+
+def _machine_reset(value):
+    """Synthetic: a recorded guest-stats value as QEMU 10.0 gives it after a machine reset.
+
+    Every figure goes back to unsupported and last-update to 0, as when the
+    machine first started, until the guest driver answers again.
+    """
+    return {"stats": {name: U64_MAX for name in value["stats"]}, "last-update": 0}
+
+
+@pytest.mark.parametrize("name", ["virtio", "virtio-hog", "transitional"])
+def test_machine_reset_reply_is_never_updated_whatever_came_before(name):
+    """After figures, a reset reply parses to no figures and no update, and classify says never_updated."""
+    before = parse_guest_stats(next(p.values[1] for p in GUEST_STATS_REPLIES if p.values[0] == name))
+    assert before.last_update is not None and before.get("stat-free-memory") is not None
+    reset = parse_guest_stats(_machine_reset(_qemu_9_2_reply(name, stat_oom_kills=1)))
+    assert reset.last_update is None
+    assert set(reset.values) == set(before.values) | {"stat-oom-kills"}
+    assert all(v is None for v in reset.values.values())
+    assert reset.used_bytes is None
+    now = before.last_update + 1
+    assert classify(state="running", has_balloon=True, interval=2, last_update=before.last_update,
+                    now=now)[0] is Status.OK
+    status, message = classify(state="running", has_balloon=True, interval=2, last_update=reset.last_update,
+                               now=now)
+    assert status is Status.NEVER_UPDATED
+    assert message == STATUS_MEANINGS[Status.NEVER_UPDATED]
 
 
 def test_classify_ok_message_says_age_and_interval():
