@@ -15,12 +15,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import importlib.metadata
 import os
+import platform
 import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import libvirt
 import pytest
@@ -30,8 +32,59 @@ from tests.ci import unavailable
 ROOT = Path(__file__).resolve().parents[2]
 TESTBED = ROOT / "contrib" / "testbed" / "vbs-testbed"
 PREFIX = "vbs-tb-"
+#: Which testbed stack the run is against (contrib/testbed/vbs-testbed --stack):
+#: debian12 (the host's libvirt 9.0 + QEMU 7.2) or next (libvirt 11 + QEMU 10).
+STACK = os.environ.get("VBS_TESTBED_STACK") or "debian12"
+
+
+#: Whether the tests run inside the next stack's own root, with that root's
+#: libvirt client (contrib/testbed/run-in-root): the testbed marks its roots
+#: with a stamp at their "/", and its script knows that stack there too.
+IN_STACK_ROOT = Path("/.vbs-testbed-root.json").exists()
+
+
+def _stack_info() -> Dict[str, str]:
+    """The testbed's own account of the stack: its header line, URIs and root."""
+    try:
+        proc = subprocess.run(
+            [str(TESTBED), "stack", "--uris"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return {"error": str(err)}
+    info = dict(line.partition(": ")[::2] for line in proc.stdout.splitlines())
+    if proc.returncode != 0:
+        info["error"] = proc.stderr.strip()
+    return info
+
+
+STACK_INFO = _stack_info()
+if STACK != "debian12" and "uri" in STACK_INFO:
+    # Every client the tests start (the CLI, virsh, libvirt.open) then talks
+    # to the chosen stack's daemon without being told. Inside the stack's
+    # root its daemon is the local one.
+    os.environ["LIBVIRT_DEFAULT_URI"] = "qemu:///system" if IN_STACK_ROOT else STACK_INFO["uri"]
 URI = os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
-TCP_URI = "qemu+tcp://127.0.0.1/system"
+TCP_URI = STACK_INFO.get("tcp") or "qemu+tcp://127.0.0.1/system"
+#: Where the stack's libvirtd keeps each QEMU's pid file, as this process sees it.
+QEMU_RUN_DIR = Path("/" if IN_STACK_ROOT else STACK_INFO.get("root") or "/") / "run" / "libvirt" / "qemu"
+
+
+def _binding_version() -> str:
+    try:
+        return importlib.metadata.version("libvirt-python")
+    except importlib.metadata.PackageNotFoundError:  # a binding installed without metadata
+        return "?"
+
+
+def pytest_report_header(config: Any) -> List[str]:
+    """The stack under test, as its daemon reports it, and the client library on this side."""
+    client = libvirt.getVersion()
+    line = STACK_INFO.get("stack") or f"unknown ({STACK_INFO.get('error', 'no answer')})"
+    return [
+        f"stack: {line}",
+        f"client: libvirt {client // 1000000}.{client // 1000 % 1000}.{client % 1000}, "
+        f"libvirt-python {_binding_version()}, Python {platform.python_version()}",
+    ]
 
 
 def pytest_addoption(parser: Any) -> None:

@@ -16,12 +16,11 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
 
-from tests.integration.conftest import URI, create_many, wait_for
+from tests.integration.conftest import QEMU_RUN_DIR, URI, create_many, wait_for
 from tests.integration.conftest import testbed as run_testbed
 from tests.integration.test_cli import CLI, WATCH_HEADER, dommemstat, qmp, qom_path_by_alias, vbs, virsh
 from virt_balloon_stats.collector import LOST_CONNECTION, Collector, Cycle
@@ -37,7 +36,7 @@ STARTUP_SLACK = 3.0
 
 def qemu_pid(name: str) -> int:
     """The QEMU process of a running domain, from libvirt's pid file."""
-    return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+    return int((QEMU_RUN_DIR / f"{name}.pid").read_text().strip())
 
 
 @contextlib.contextmanager
