@@ -63,7 +63,7 @@ def test_a_guest_reset_reads_as_the_stack_reports_it(domains):
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
-            time.sleep(3)  # a few lines before the reset, so watch has rates to show
+            time.sleep(5)  # a few answers before the reset, so watch has rates to show
             reset_at = time.time()
             virsh("reset", name)
             scrapes: List[Dict[str, Any]] = []
@@ -99,3 +99,26 @@ def test_a_guest_reset_reads_as_the_stack_reports_it(domains):
     assert watch.returncode == 0, watch_err
     negative = re.findall(r"(?<![\w.:-])-\d[\d.]*", watched)
     assert not negative, watched
+    rows = _watch_rows(watched, name)
+    assert [row for row in rows if row["MINFLT/s"] not in ("-", "0.0")], rows  # rates were shown
+    if RESET_CLEARS:
+        # No rate from the guest's last boot while it has none from this one.
+        cleared = [row for row in rows if row["STATUS"] == "never_updated"]
+        assert cleared and all(row[rate] == "-" for row in cleared for rate in RATES), cleared
+
+
+#: watch's rate columns.
+RATES = ("MAJFLT/s", "MINFLT/s", "SWAPIN/s", "SWAPOUT/s")
+
+
+def _watch_rows(text: str, domain: str) -> List[Dict[str, str]]:
+    """The domain's rows of every block ``watch`` printed, by column title."""
+    rows = []
+    titles: List[str] = []
+    for line in text.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] == "DOMAIN":
+            titles = cells
+        elif cells[0] == domain and titles:
+            rows.append(dict(zip(titles, cells)))
+    return rows
