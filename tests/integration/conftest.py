@@ -65,8 +65,11 @@ if STACK != "debian12" and "uri" in STACK_INFO:
     os.environ["LIBVIRT_DEFAULT_URI"] = "qemu:///system" if IN_STACK_ROOT else STACK_INFO["uri"]
 URI = os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
 TCP_URI = STACK_INFO.get("tcp") or "qemu+tcp://127.0.0.1/system"
-#: Where the stack's libvirtd keeps each QEMU's pid file, as this process sees it.
-QEMU_RUN_DIR = Path("/" if IN_STACK_ROOT else STACK_INFO.get("root") or "/") / "run" / "libvirt" / "qemu"
+#: The stack's root as this process sees it.
+STACK_ROOT = Path("/" if IN_STACK_ROOT else STACK_INFO.get("root") or "/")
+#: Where the stack's libvirtd keeps each QEMU's pid file, and each QEMU's log.
+QEMU_RUN_DIR = STACK_ROOT / "run" / "libvirt" / "qemu"
+QEMU_LOG_DIR = STACK_ROOT / "var" / "log" / "libvirt" / "qemu"
 
 
 def _binding_version() -> str:

@@ -43,7 +43,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Set, Tuple, Typ
 
 import pytest
 
-from tests.integration.conftest import ISOLATION, URI
+from tests.integration.conftest import ISOLATION, QEMU_LOG_DIR, STACK, URI
 from tests.integration.conftest import testbed as run_testbed
 from tests.integration.test_cli import CLI
 from tests.integration.test_collector import libvirtd_stopped, qemu_pid, stopped
@@ -526,6 +526,31 @@ def test_a_qemu_stopped_and_continued_every_half_second(four_guests, repetition)
     assert_isolated(front, [trial])
 
 
+def _killed_at_reconnect(name: str, front: FrontEnd, trial: Trial) -> bool:
+    """Whether libvirtd killed the stopped domain when it resumed, and the front end said so.
+
+    Seen with libvirt 11.3 + QEMU 10.0 (not with 9.0 + 7.2): the libvirtd
+    started while the QEMU is stopped reconnects to its monitor; when the QEMU
+    resumes, the reply to a command the previous libvirtd had sent arrives on
+    the new connection ("unexpected type returned by QEMU command
+    'query-migrate-capabilities'"), the reconnect fails, and libvirtd stops
+    the domain (its QEMU log: "shutting down, reason=daemon"). That is the
+    stack's behaviour, not the tool's: what the tool must do is report the
+    domain as gone. Then the recovery failure is dropped, and the domain is
+    created again under its name for the trials that follow.
+    """
+    log = QEMU_LOG_DIR / f"{name}.log"
+    listed = subprocess.run(["virsh", "-q", "-c", URI, "list", "--name"], capture_output=True, text=True)
+    if STACK != "next" or name in listed.stdout.split() or "reason=daemon" not in log.read_text():
+        return False
+    said = [r for r in front.readings if r.domain == name and r.ended >= trial.continued_at]
+    if not said or "domain not found" not in said[-1].message:
+        return False
+    trial.failures[:] = [f for f in trial.failures if "of SIGCONT" not in f]
+    run_testbed("create", "virtio", "--name", name, "--wait-stats", "90")
+    return True
+
+
 def test_a_stopped_qemu_through_a_libvirtd_restart(four_guests, repetition):
     """While a QEMU is stopped, libvirtd stops (its forced shutdown takes 30 s: a call is stuck on the
     stopped QEMU) and starts again. Healthy domains read ok before, and ok again within
@@ -557,13 +582,15 @@ def test_a_stopped_qemu_through_a_libvirtd_restart(four_guests, repetition):
                 back = answering + BACK_AFTER_RESTART
             time.sleep(HOLD)
             trial.continued_at = time.time()
-        trial.recover()
+        killed = not trial.recover() and _killed_at_reconnect(hung, front, trial)
         readings = front.readings[mark:]
         restart = [r for r in readings if r.ended >= stopping and r.began < back]
         trial.check_healthy([r for r in readings if r not in restart])
         trial.check_hung(readings, [(trial.stopped_at, stopping), (back, trial.continued_at)])
         trial.close()
     assert lost, f"{trial}: the collector never saw libvirtd go away"
+    if killed:
+        print(f"{trial}: libvirtd killed {hung} when it resumed (see _killed_at_reconnect); created again")
     seen = sorted({(r.domain, r.status) for r in restart})
     print(f"{trial}: libvirtd stopped in {down - stopping:.1f} s; healthy ok {back - answering:.1f} s "
           f"after it answered; during the restart: {seen}")

@@ -31,6 +31,7 @@ from tests.unit.conftest import (
     load,
     now_for,
     scenario_names,
+    stack_scenarios,
     wait_until,
 )
 from virt_balloon_stats.client import DEFAULT_REFRESH_SECONDS, BalloonStats
@@ -59,16 +60,16 @@ MANY = ["virtio-hog", "nostats", "nodriver", "noos", "paused", "none"]
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _world(names: List[str], **kwargs: Any) -> World:
-    """A World of several scenarios, its clock pinned for the first one.
+def _world(names: List[str], stack: str = "debian12", **kwargs: Any) -> World:
+    """A World of several scenarios of one stack, its clock pinned for the first one.
 
     QEMU keeps its polling interval: the recordings read it again after the
     recorder's own ``qom-set`` 0 and 3, which no collector test makes, so
     every read of it gives the first recorded reply (see :func:`_keep_interval`).
     """
-    fixtures = [load(n) for n in names]
+    fixtures = [load(n, stack) for n in names]
     kwargs.setdefault("now", now_for(fixtures[0]))
-    w = World(fixtures, **kwargs)
+    w = World(fixtures, stack=stack, **kwargs)
     for dom in w.domains:
         if balloon(dom.fixture).present:
             _keep_interval(w, dom)
@@ -143,10 +144,10 @@ def _keep_interval(w: World, dom: FakeDomain, index: int = 0) -> None:
 # -- one cycle ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", scenario_names())
-def test_one_cycle_gives_each_scenario_its_expected_status(name):
+@pytest.mark.parametrize("stack, name", stack_scenarios())
+def test_one_cycle_gives_each_scenario_its_expected_status(stack, name):
     """One domain per host: the collector classifies each recorded situation as the client does."""
-    w = _world([name])
+    w = _world([name], stack)
     fixture = w.fixtures[0]
     with _collector(w) as collector:
         cycle = collector.collect()
@@ -172,17 +173,17 @@ def test_one_cycle_over_many_domains_is_in_name_order_with_their_statuses():
     assert cycle.number == 1 and cycle.statuses["unresponsive"] == 0
 
 
-def test_one_cycle_says_what_balloon_stats_sample_says_for_every_scenario():
+def test_one_cycle_says_what_balloon_stats_sample_says_for_every_scenario(stack):
     """Under one clock, each domain's sample from a cycle equals the client's own sample of it."""
-    fixtures = [load(n) for n in scenario_names()]
+    fixtures = [load(n, stack) for n in scenario_names(stack)]
     now = now_for(fixtures[0])
-    w = World(fixtures, now=now)
+    w = World(fixtures, now=now, stack=stack)
     with _collector(w, workers=len(fixtures)) as collector:
         cycle = collector.collect()
     assert len(cycle.samples) == len(fixtures)
     for sample in cycle.samples:
         fixture = next(f for f in fixtures if _name(f) == sample.domain)
-        alone = World([load(fixture["scenario"])], now=now).client.sample(sample.domain)
+        alone = World([load(fixture["scenario"], stack)], now=now, stack=stack).client.sample(sample.domain)
         assert sample.status is alone.status, sample.domain
         assert sample.message == alone.message
         assert sample.stats == alone.stats

@@ -1,8 +1,8 @@
 """virt_balloon_stats.domxml: the balloon device from libvirt's domain XML.
 
-Every recorded document (live and inactive) is parsed; the expected values
-are read from the same document with a plain regular expression, a
-different route to the same answer. Synthetic documents cover what the
+Every recorded document (live and inactive, of both stacks) is parsed; the
+expected values are read from the same document with a plain regular
+expression, a different route to the same answer. Synthetic documents cover what the
 testbed cannot produce (s390 ccw, virtio-mmio, no <memballoon> at all) and
 hostile input.
 """
@@ -13,13 +13,14 @@ import re
 
 import pytest
 
-from tests.unit.conftest import load, scenario_names
+from tests.unit.conftest import STACKS, load, scenario_names
 from virt_balloon_stats.domxml import MODELS, BalloonDevice, parse_balloon
 from virt_balloon_stats.errors import InvalidDomainXML
 
 RECORDED_XML = [
-    pytest.param(load(name)[key], id=f"{name}-{key}")
-    for name in scenario_names()
+    pytest.param(load(name, stack)[key], id=f"{stack}-{name}-{key}")
+    for stack in STACKS
+    for name in scenario_names(stack)
     for key in ("xml_live", "xml_inactive")
 ]
 
@@ -51,9 +52,9 @@ def test_recorded_xml(xml):
     assert device.present is (device.model != "none")
 
 
-def test_recordings_cover_the_models_and_routes_we_need():
+def test_recordings_cover_the_models_and_routes_we_need(stack):
     """Guard: the table above includes virtio, transitional with a user alias, none and no-period."""
-    devices = {name: parse_balloon(load(name)["xml_live"]) for name in scenario_names()}
+    devices = {name: parse_balloon(load(name, stack)["xml_live"]) for name in scenario_names(stack)}
     assert devices["virtio"].model == "virtio" and devices["virtio"].stats_period == 2
     assert devices["transitional"] == BalloonDevice(
         "virtio-transitional", "ua-mybal", "pci", 2, None, None
@@ -61,6 +62,24 @@ def test_recordings_cover_the_models_and_routes_we_need():
     assert devices["none"] == BalloonDevice("none")
     assert not devices["none"].present
     assert devices["nostats"].stats_period is None
+
+
+def test_each_set_is_the_stack_it_says(stack):
+    """Guard: every domain of a set ran the machine type of the QEMU its set was recorded with.
+
+    debian12: QEMU 7.2, pc-q35-7.2, libvirt 9.0; next: QEMU 10.0.2,
+    pc-q35-10.0, libvirt 11.3, whose domains also get an implicit iTCO
+    watchdog on q35 (which the balloon parser ignores).
+    """
+    expected = {"debian12": ("7.2.", "9.0.0", "pc-q35-7.2"), "next": ("10.0.2", "11.3.0", "pc-q35-10.0")}
+    qemu, libvirt_version, machine = expected[stack]
+    for name in scenario_names(stack):
+        fixture = load(name, stack)
+        assert fixture["recorded_with"]["qemu"].startswith(qemu), name
+        assert fixture["recorded_with"]["libvirt"] == libvirt_version, name
+        for key in ("xml_live", "xml_inactive"):
+            assert _attr(fixture[key], "type", "machine") == machine, (name, key)
+            assert ("<watchdog model='itco'" in fixture[key]) is (stack == "next"), (name, key)
 
 
 def _domain(memballoon):

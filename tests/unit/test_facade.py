@@ -24,9 +24,9 @@ from virt_balloon_stats.facade import sample_many
 MANY = ["virtio-hog", "nostats", "nodriver", "noos", "paused", "none"]
 
 
-def _many(**kwargs):
-    fixtures = [load(n) for n in MANY]
-    return World(fixtures, now=now_for(fixtures[0]), **kwargs), fixtures
+def _many(stack="debian12", **kwargs):
+    fixtures = [load(n, stack) for n in MANY]
+    return World(fixtures, now=now_for(fixtures[0]), stack=stack, **kwargs), fixtures
 
 
 def test_sample_many_makes_one_bulk_call_for_all_domains():
@@ -42,9 +42,9 @@ def test_sample_many_makes_one_bulk_call_for_all_domains():
     assert w.client.rpc_counts["domainListGetStats"] == 1
 
 
-def test_sample_many_statuses():
+def test_sample_many_statuses(stack):
     """Each domain keeps its own status when sampled together (in a thread pool)."""
-    w, fixtures = _many()
+    w, fixtures = _many(stack)
     samples = sample_many(w.client, [f["domain"]["name"] for f in fixtures])
     assert {s.domain: s.status.value for s in samples} == {
         f["domain"]["name"]: EXPECTED_STATUS[f["scenario"]] for f in fixtures
@@ -52,9 +52,9 @@ def test_sample_many_statuses():
 
 
 @pytest.mark.parametrize("name", [n for n in MANY if n != "none"])
-def test_sample_many_uses_the_bulk_figures(name):
+def test_sample_many_uses_the_bulk_figures(name, stack):
     """A domain the bulk call covered needs no memoryStats() of its own."""
-    w, fixtures = _many()
+    w, fixtures = _many(stack)
     sample_many(w.client, [f["domain"]["name"] for f in fixtures])
     dom = next(d for d in w.domains if d.fixture["scenario"] == name)
     assert dom.calls_to("memoryStats") == []

@@ -1,8 +1,10 @@
 """virt_balloon_stats.formats: human units, the stats table, JSON and Prometheus text.
 
-Samples are produced by the real client from the recorded scenarios, so the
-renderers see exactly what a run on the testbed would give them; QEMU 9.2's
-extra stats are added to a recorded reply (synthetic).
+Samples are produced by the real client from the recorded scenarios of both
+stacks, so the renderers see exactly what a run on the testbed would give
+them: QEMU 10.0 with a Linux 6.12 guest sends QEMU 9.2's extra stats (all 0
+on the idle guest); figures other than 0 for them are added to a recorded
+QEMU 7.2 reply (synthetic).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 
 import pytest
 
-from tests.unit.conftest import World, load, now_for
+from tests.unit.conftest import World, load, now_for, stack_scenarios
 from virt_balloon_stats.formats import (
     format_age,
     human_bytes,
@@ -28,13 +30,13 @@ U64_MAX = 2**64 - 1
 UNMAPPED = [s for s in STATS if s.libvirt is None]
 
 
-def _sample(name, source="both", rename=None, extra=None):
+def _sample(name, source="both", rename=None, extra=None, stack="debian12"):
     """The real client's sample of a recorded scenario.
 
     :param extra: Figures added to the recorded guest-stats reply, as a
-        QEMU 9.2 would send them (synthetic: the testbed runs QEMU 7.2).
+        QEMU 9.2 would send them (synthetic on the debian12 set's QEMU 7.2).
     """
-    fixture = load(name)
+    fixture = load(name, stack)
     if rename is not None:
         fixture["domain"]["name"] = rename
     if extra is not None:
@@ -44,7 +46,7 @@ def _sample(name, source="both", rename=None, extra=None):
                 if "return" in reply:
                     reply["return"]["stats"].update(extra)
                     exchange["reply"] = json.dumps(reply)
-    w = World([fixture], now=now_for(fixture))
+    w = World([fixture], now=now_for(fixture), stack=stack)
     return w.client.sample(fixture["domain"]["name"], source=source)
 
 
@@ -96,15 +98,28 @@ def test_render_table_aligns_and_strips():
     assert text.splitlines() == ["A    BB", "xxx  y", "z"]
 
 
-@pytest.mark.parametrize("name", ["virtio", "virtio-hog", "nodriver", "transitional"])
-def test_render_stats_puts_libvirts_name_beside_each_qemu_name(name):
-    """Every QEMU figure has its row, with libvirt's key in the LIBVIRT column of the same row."""
-    sample = _sample(name)
+@pytest.mark.parametrize(
+    "stack, name", stack_scenarios(only={"virtio", "virtio-hog", "nodriver", "transitional", "reset"})
+)
+def test_render_stats_puts_libvirts_name_beside_each_qemu_name(stack, name):
+    """Every QEMU figure has its row, with libvirt's key in the LIBVIRT column of the same row.
+
+    QEMU 9.2's stats: QEMU 7.2 does not report them, so no row; QEMU 10.0
+    does, and a guest that answered fills them: a row of QEMU's figure with
+    nothing on libvirt's side. Unsupported on both sides (no guest driver,
+    or just reset): no row.
+    """
+    sample = _sample(name, stack=stack)
     text = render_stats([sample])
     rows = _rows(text)
+    answered = sample.last_update is not None
     for spec in STATS:
         if spec.libvirt is None:
-            assert spec.qemu not in rows, spec.qemu  # QEMU 7.2 does not report it: no row
+            if stack == "next" and answered:
+                assert rows[spec.qemu][1:] == ["0", *(["B"] if spec.unit == "bytes" else []),
+                                               "-", "-", "qmp", "only"], rows[spec.qemu]
+            else:
+                assert spec.qemu not in rows, spec.qemu
             continue
         assert spec.qemu in rows, spec.qemu
         assert spec.libvirt in rows[spec.qemu][1:], rows[spec.qemu]
@@ -112,10 +127,10 @@ def test_render_stats_puts_libvirts_name_beside_each_qemu_name(name):
     assert f"Status:      {sample.status.value}" in text
 
 
-def test_render_stats_values_are_human_or_raw():
+def test_render_stats_values_are_human_or_raw(stack):
     """Human units by default; --bytes shows QEMU's bytes and libvirt's KiB as they are."""
-    fixture = load("virtio")
-    sample = _sample("virtio")
+    fixture = load("virtio", stack)
+    sample = _sample("virtio", stack=stack)
     free = sample.get("stat-free-memory")
     human = render_stats([sample])
     raw = render_stats([sample], raw_bytes=True)
@@ -126,9 +141,10 @@ def test_render_stats_values_are_human_or_raw():
     assert "agree" in row
 
 
-def test_render_stats_shows_unsupported_as_dash_and_says_so():
-    """No guest driver: figures are "-" and the check column says unsupported, never 0."""
-    text = render_stats([_sample("nodriver")])
+@pytest.mark.parametrize("stack, name", stack_scenarios(only={"nodriver", "reset"}))
+def test_render_stats_shows_unsupported_as_dash_and_says_so(stack, name):
+    """No guest driver (or none since the reset): figures "-", the check column says unsupported, never 0."""
+    text = render_stats([_sample(name, stack=stack)])
     row = next(line for line in text.splitlines() if line.startswith("  stat-free-memory"))
     assert row.split()[1] == "-"
     assert "unsupported" in row
@@ -168,16 +184,19 @@ def test_json_has_qemu_9_2_figures_as_qemu_gave_them_and_libvirt_without_them():
     assert doc["crosscheck"]["checked"] == len(STATS) - len(UNMAPPED) + 1
 
 
-def test_libvirt_source_has_no_qemu_9_2_figures():
-    """The libvirt source cannot see them: neither in the table nor in the JSON, not even as null."""
-    sample = _sample("virtio", source="libvirt", extra={"stat-oom-kills": 1})
+def test_libvirt_source_has_no_qemu_9_2_figures(stack):
+    """The libvirt source cannot see them: neither in the table nor in the JSON, not even as null.
+
+    Not even from libvirt 11.3, whose QEMU 10.0 had them at that moment.
+    """
+    sample = _sample("virtio", source="libvirt", stack=stack)
     assert set(sample.to_dict()["stats"]) == {s.qemu for s in STATS if s.libvirt is not None}
     assert not set(_rows(render_stats([sample]))) & {s.qemu for s in UNMAPPED}
 
 
-def test_render_stats_of_no_balloon_has_no_table():
+def test_render_stats_of_no_balloon_has_no_table(stack):
     """No balloon: status and polling, but no figure rows."""
-    text = render_stats([_sample("none")])
+    text = render_stats([_sample("none", stack=stack)])
     assert "no_balloon" in text
     assert "stat-free-memory" not in text
 

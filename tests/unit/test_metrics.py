@@ -4,8 +4,11 @@ Every cycle is a real :class:`~virt_balloon_stats.collector.Collector`'s over
 fake libvirt domains and recorded QMP replies, and every exposition is read
 back with ``prometheus_client``'s own parser, so a test fails on what
 Prometheus itself would reject or misread, not on a hand-written regex.
-QEMU 9.2's extra stats and QEMU 10.0's machine reset are synthetic changes of
-the recorded replies.
+The tests about each domain's figures run over both recorded sets: QEMU
+10.0 with a Linux 6.12 guest sends QEMU 9.2's extra stats (0 on the idle
+guest), and the next set has a domain read right after a machine reset.
+Other figures for those stats, and a reset between two cycles, are
+synthetic changes of the recorded replies.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.conftest import URI, World, load, now_for
+from tests.unit.conftest import URI, World, load, now_for, stack_scenarios
 from virt_balloon_stats import cli
 from virt_balloon_stats.client import BalloonStats
 from virt_balloon_stats.collector import Collector, Cycle, Totals
@@ -48,7 +51,8 @@ DOMAIN_LABELS = {"uri", "domain", "uuid"}
 
 U64_MAX = 2**64 - 1
 
-#: The stats libvirt maps (all QEMU 7.2 reports), and QEMU 9.2's, which it does not.
+#: The stats libvirt maps (all QEMU 7.2 reports), and QEMU 9.2's, which it does not
+#: (QEMU 10.0 reports them too).
 MAPPED = [s for s in STATS if s.libvirt is not None]
 UNMAPPED = [s for s in STATS if s.libvirt is None]
 
@@ -56,13 +60,13 @@ UNMAPPED = [s for s in STATS if s.libvirt is None]
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _world(names: List[str], rename: Optional[Dict[str, str]] = None) -> World:
-    """A World over recorded scenarios (optionally renaming domains), clock pinned for the first."""
-    fixtures = [load(n) for n in names]
+def _world(names: List[str], rename: Optional[Dict[str, str]] = None, stack: str = "debian12") -> World:
+    """A World over one stack's recorded scenarios (domains renamed if asked), clock pinned for the first."""
+    fixtures = [load(n, stack) for n in names]
     for fixture in fixtures:
         if rename and fixture["scenario"] in rename:
             fixture["domain"]["name"] = rename[fixture["scenario"]]
-    return World(fixtures, now=now_for(fixtures[0]))
+    return World(fixtures, now=now_for(fixtures[0]), stack=stack)
 
 
 def _collect(w: World, **kwargs: Any) -> Tuple[Cycle, Totals]:
@@ -74,8 +78,8 @@ def _collect(w: World, **kwargs: Any) -> Tuple[Cycle, Totals]:
     return cycle, collector.totals
 
 
-def _cycle(names: List[str], **kwargs: Any) -> Tuple[Cycle, Totals]:
-    return _collect(_world(names), **kwargs)
+def _cycle(names: List[str], stack: str = "debian12", **kwargs: Any) -> Tuple[Cycle, Totals]:
+    return _collect(_world(names, stack=stack), **kwargs)
 
 
 def _families(text: str) -> Dict[str, Any]:
@@ -183,9 +187,13 @@ def test_unknown_spec_metric_name_is_sanitized():
 # -- the figures of each domain -------------------------------------------------------------
 
 
-def test_every_known_figure_once_per_domain_in_qemus_unit_with_uri_domain_uuid():
-    """Each known figure is exported once per domain, in QEMU's unit, labelled with uri, domain and uuid."""
-    cycle, totals = _cycle(["virtio", "virtio-hog"])
+def test_every_known_figure_once_per_domain_in_qemus_unit_with_uri_domain_uuid(stack):
+    """Each known figure is exported once per domain, in QEMU's unit, labelled with uri, domain and uuid.
+
+    QEMU 9.2's stats: none from QEMU 7.2, which does not know them; from
+    QEMU 10.0 under their own names, with the 6.12 guest's figures (0 when idle).
+    """
+    cycle, totals = _cycle(["virtio", "virtio-hog"], stack=stack)
     parsed = _samples(render(cycle, totals))
     assert len(cycle.samples) == 2
     for s in cycle.samples:
@@ -195,10 +203,13 @@ def test_every_known_figure_once_per_domain_in_qemus_unit_with_uri_domain_uuid()
                 assert labels == {"uri": URI, "domain": s.domain, "uuid": s.uuid}, name
                 mine.setdefault(name, []).append(value)
         for spec in MAPPED:
-            assert s.get(spec.qemu) is not None, spec.qemu  # the recording has every figure of QEMU 7.2
+            assert s.get(spec.qemu) is not None, spec.qemu  # the recording has every mapped figure
             assert mine[metric_name(spec)] == [s.get(spec.qemu)], spec.qemu
         for spec in UNMAPPED:
-            assert metric_name(spec) not in mine, spec.qemu  # QEMU 7.2 does not know it: nothing
+            if stack == "debian12":
+                assert metric_name(spec) not in mine, spec.qemu
+            else:
+                assert mine[metric_name(spec)] == [0.0] == [s.get(spec.qemu)], spec.qemu
         assert mine["virt_balloon_actual_bytes"] == [s.actual_bytes]
         assert mine["virt_balloon_last_update_seconds"] == [s.last_update]
         assert mine["virt_balloon_polling_interval_seconds"] == [s.polling.qemu_interval]
@@ -209,9 +220,9 @@ def test_every_known_figure_once_per_domain_in_qemus_unit_with_uri_domain_uuid()
             assert DOMAIN_LABELS <= set(labels), name
 
 
-def test_status_is_one_hot_over_every_status():
+def test_status_is_one_hot_over_every_status(stack):
     """virt_balloon_status: 1 for the domain's status, 0 for every other Status."""
-    cycle, totals = _cycle(["nostats"])
+    cycle, totals = _cycle(["nostats"], stack=stack)
     [sample] = cycle.samples
     assert sample.status is Status.POLLING_DISABLED
     parsed = _samples(render(cycle, totals))
@@ -219,14 +230,15 @@ def test_status_is_one_hot_over_every_status():
     assert status == {st.value: float(st is Status.POLLING_DISABLED) for st in Status}
 
 
-def test_counters_are_exactly_the_cumulative_stats_and_only_they_end_in_total():
+def test_counters_are_exactly_the_cumulative_stats_and_only_they_end_in_total(stack):
     """TYPE counter for exactly the cumulative stats (plus the self-metric counters), samples in _total."""
-    cycle, totals = _cycle(["virtio"])
+    cycle, totals = _cycle(["virtio"], stack=stack)
     families = _families(render(cycle, totals))
     counters = {name for name, f in families.items() if f.type == "counter"}
     self_counters = {"virt_balloon_cycles", "virt_balloon_libvirt_calls", "virt_balloon_errors"}
-    # The recording is QEMU 7.2's: the cumulative stats it has are the ones libvirt maps.
-    assert counters == {metric_name(s)[: -len("_total")] for s in MAPPED if s.cumulative} | self_counters
+    # QEMU 7.2 has the cumulative stats libvirt maps; QEMU 10.0 all of them, QEMU 9.2's six included.
+    reported = MAPPED if stack == "debian12" else STATS
+    assert counters == {metric_name(s)[: -len("_total")] for s in reported if s.cumulative} | self_counters
     for name, family in families.items():
         for sample in family.samples:
             if family.type == "counter":
@@ -236,10 +248,15 @@ def test_counters_are_exactly_the_cumulative_stats_and_only_they_end_in_total():
                 assert not sample.name.endswith("_total"), sample.name
 
 
-def test_unsupported_figures_are_left_out_never_zero():
-    """No guest driver: no figure series at all (never a 0), and no last-update; actual is still there."""
-    cycle, totals = _cycle(["nodriver"])
+@pytest.mark.parametrize("stack, name", stack_scenarios(only={"nodriver", "noos", "reset"}))
+def test_unsupported_figures_are_left_out_never_zero(stack, name):
+    """No guest driver (or none since a machine reset): no figure series at all, never a 0, no last-update.
+
+    actual is still there, and the domain is never_updated.
+    """
+    cycle, totals = _cycle([name], stack=stack)
     [sample] = cycle.samples
+    assert sample.status is Status.NEVER_UPDATED
     assert sample.stats is not None and all(v is None for v in sample.stats.values.values())
     names = {name for name, _, _ in _samples(render(cycle, totals))}
     assert not names & {metric_name(s) for s in STATS}
@@ -365,9 +382,9 @@ def test_reset_sequence_figures_then_nothing_then_figures_again():
     assert after["stat-minor-faults"] < before["stat-minor-faults"]  # what Prometheus reads as a reset
 
 
-def test_help_and_type_once_per_family_with_many_domains():
+def test_help_and_type_once_per_family_with_many_domains(stack):
     """Several domains share each family's HELP and TYPE lines (a repeat would be rejected by Prometheus)."""
-    cycle, totals = _cycle(["virtio", "virtio-hog", "transitional", "nostats", "none"])
+    cycle, totals = _cycle(["virtio", "virtio-hog", "transitional", "nostats", "none"], stack=stack)
     text = render(cycle, totals)
     helps = [line.split(" ")[2] for line in text.splitlines() if line.startswith("# HELP ")]
     types = [line.split(" ")[2] for line in text.splitlines() if line.startswith("# TYPE ")]

@@ -1,6 +1,7 @@
 """virt_balloon_stats.nagios: per-domain state, the overall state, the plugin output.
 
-Samples come from the real client over the recorded scenarios; an
+Samples come from the real client over the recorded scenarios (both
+stacks where each status is judged); an
 unreachable one from a recorded libvirt error, a mismatching one from a
 recorded memoryStats() nudged by one KiB.
 """
@@ -11,7 +12,15 @@ import re
 
 import pytest
 
-from tests.unit.conftest import EXPECTED_STATUS, World, load, now_for, recorded_error, scenario_names
+from tests.unit.conftest import (
+    EXPECTED_STATUS,
+    World,
+    load,
+    now_for,
+    recorded_error,
+    scenario_names,
+    stack_scenarios,
+)
 from virt_balloon_stats.nagios import State, judge, render_check
 from virt_balloon_stats.stats import Status
 
@@ -31,9 +40,9 @@ FIRST_LINE = re.compile(r"^BALLOON (OK|WARNING|CRITICAL|UNKNOWN) - (.+?)(?: \| (
 PERFDATA = re.compile(r"^'[^'=]+'=-?[0-9.]+(s|B)?(;[0-9.]*){2,4}$")
 
 
-def _sample(name, **kwargs):
-    fixture = load(name)
-    w = World([fixture], now=now_for(fixture), **kwargs)
+def _sample(name, stack="debian12", **kwargs):
+    fixture = load(name, stack)
+    w = World([fixture], now=now_for(fixture), stack=stack, **kwargs)
     return w.client.sample(fixture["domain"]["name"])
 
 
@@ -55,10 +64,12 @@ def _all_samples():
     return samples
 
 
-@pytest.mark.parametrize("name", scenario_names() + ["unreachable"])
-def test_judge_each_status(name):
+@pytest.mark.parametrize(
+    "stack, name", stack_scenarios() + [pytest.param("debian12", "unreachable", id="unreachable")]
+)
+def test_judge_each_status(stack, name):
     """Each status maps to its plugin state, and the reason starts with the status."""
-    sample = _unreachable() if name == "unreachable" else _sample(name)
+    sample = _unreachable() if name == "unreachable" else _sample(name, stack)
     status = "unreachable" if name == "unreachable" else EXPECTED_STATUS[name]
     assert sample.status.value == status
     verdict = judge(sample)

@@ -1,8 +1,9 @@
 """virt_balloon_stats.qmp: the allowlist, building commands, and reading replies.
 
-The replies are those QEMU 7.2 gave through libvirt's passthrough on the
-testbed (every recorded exchange of every scenario), plus a few malformed
-ones, built inline, that a well-behaved QEMU never sends.
+The replies are those QEMU 7.2 and QEMU 10.0 gave through libvirt's
+passthrough on the testbed (every recorded exchange of every scenario of
+both stacks), plus a few malformed ones, built inline, that a well-behaved
+QEMU never sends.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import json
 
 import pytest
 
-from tests.unit.conftest import World, load, scenario_names, world
+from tests.unit.conftest import STACKS, World, load, scenario_names, world
 from virt_balloon_stats.errors import CommandNotAllowed, QMPBadReply, QMPExecuteError
 from virt_balloon_stats.qmp import POLLING_PROPERTY, build_command, check_allowed, parse_reply
 
 ALL_EXCHANGES = [
-    pytest.param(q["command"], q["reply"], id=f"{name}-{i}-{q['command']['execute']}")
-    for name in scenario_names()
-    for i, q in enumerate(load(name)["qmp"])
+    pytest.param(q["command"], q["reply"], id=f"{stack}-{name}-{i}-{q['command']['execute']}")
+    for stack in STACKS
+    for name in scenario_names(stack)
+    for i, q in enumerate(load(name, stack)["qmp"])
 ]
 
 # QMP commands that would change or stop the guest; the passthrough would run
@@ -127,9 +129,12 @@ def test_parse_reply_on_every_recorded_reply(command, reply):
         assert parse_reply(sent, reply) == message["return"]
 
 
-def test_recordings_hold_both_reply_kinds():
-    """Guard for the table above: the recordings do contain QMP errors and returns."""
-    kinds = {"error" if "error" in json.loads(p.values[1]) else "return" for p in ALL_EXCHANGES}
+def test_recordings_hold_both_reply_kinds(stack):
+    """Guard for the table above: each set does contain QMP errors and returns."""
+    kinds = {
+        "error" if "error" in json.loads(p.values[1]) else "return"
+        for p in ALL_EXCHANGES if p.id.startswith(f"{stack}-")
+    }
     assert kinds == {"error", "return"}
 
 

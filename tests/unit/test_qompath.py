@@ -15,7 +15,7 @@ import json
 import pytest
 
 from tests.fakelibvirt import FakeDomain
-from tests.unit.conftest import World, balloon, load, world
+from tests.unit.conftest import World, balloon, load, stack_scenarios, world
 from virt_balloon_stats.domxml import BalloonDevice, parse_balloon
 from virt_balloon_stats.errors import NoBalloonDevice, QOMPathNotFound
 from virt_balloon_stats.host import Guest
@@ -64,15 +64,15 @@ def _peripheral_type(fixture, name):
     return next(e["type"] for e in reply["return"] if e["name"] == name)
 
 
-WITH_BALLOON = ["virtio", "transitional", "virtio-hog", "nodriver", "noos", "stale", "paused"]
+WITH_BALLOON = ["virtio", "transitional", "virtio-hog", "nodriver", "noos", "stale", "paused", "reset"]
 
 
-@pytest.mark.parametrize("name", WITH_BALLOON)
-def test_resolve_by_alias(name):
+@pytest.mark.parametrize("stack, name", stack_scenarios(only=WITH_BALLOON))
+def test_resolve_by_alias(stack, name):
     """The alias in the live XML names the child of /machine/peripheral the recorder found."""
-    fixture = load(name)
+    fixture = load(name, stack)
     device = balloon(fixture)
-    w = World([fixture])
+    w = World([fixture], stack=stack)
     path = resolve(w.client.qmp, w.guest(), device)
     assert path.path == fixture["balloon_path"] == f"/machine/peripheral/{device.alias}"
     assert path.method == "alias"
@@ -123,13 +123,13 @@ def _anonymous(fixture):
     return new_path
 
 
-@pytest.mark.parametrize("name", ["virtio", "transitional"])
-def test_resolve_by_search_when_alias_is_missing(name):
+@pytest.mark.parametrize("stack, name", stack_scenarios(only={"virtio", "transitional"}))
+def test_resolve_by_search_when_alias_is_missing(stack, name):
     """The alias is not under /machine/peripheral: the search finds the balloon in peripheral-anon."""
-    fixture = load(name)
+    fixture = load(name, stack)
     device = balloon(fixture)
     new_path = _anonymous(fixture)
-    w = World([fixture])
+    w = World([fixture], stack=stack)
     path = resolve(w.client.qmp, w.guest(), device)
     assert path.path == new_path
     assert path.method == "search"

@@ -1,9 +1,12 @@
 """virt_balloon_stats.stats: the stat table, parsing guest-stats, libvirt's view, classify.
 
 Parsing is checked on every ``qom-get ... guest-stats`` reply recorded on the
-testbed (QEMU 7.2 prints "unsupported" as 2^64-1); older QEMU's ``-1``, QEMU
-9.2's six extra stats, QEMU 10.0's reset reply and names from a QEMU yet to
-come are synthetic inputs built inline or from the recordings.
+testbed, on both stacks: QEMU 7.2 and 10.0 print "unsupported" as 2^64-1;
+QEMU 10.0 has QEMU 9.2's six extra stats, which the Linux 6.12 guest fills,
+and the next set has a reply read right after a machine reset. Older QEMU's
+``-1``, QEMU 9.2's stats with figures other than the idle guest's, and names
+from a QEMU yet to come are synthetic inputs built inline or from the
+recordings.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.unit.conftest import load, scenario_names
+from tests.unit.conftest import STACKS, load, scenario_names, stack_scenarios
 from virt_balloon_stats.errors import QMPBadReply
 from virt_balloon_stats.stats import (
     ACTUAL,
@@ -45,33 +48,48 @@ QEMU_9_2 = (
 #: A stat name no QEMU has (yet): what this version must keep without knowing it.
 FUTURE = "stat-from-the-future"
 
+
+def _guest_stats_values(stack, name):
+    """Every guest-stats value a scenario recorded, in the order read."""
+    return [
+        json.loads(q["reply"])["return"]
+        for q in load(name, stack)["qmp"]
+        if q["command"]["execute"] == "qom-get"
+        and q["command"]["arguments"]["property"] == "guest-stats"
+        and "return" in json.loads(q["reply"])
+    ]
+
+
 GUEST_STATS_REPLIES = [
-    pytest.param(name, json.loads(q["reply"])["return"], id=f"{name}-{i}")
-    for name in scenario_names()
-    for i, q in enumerate(load(name)["qmp"])
-    if q["command"]["execute"] == "qom-get"
-    and q["command"]["arguments"]["property"] == "guest-stats"
-    and "return" in json.loads(q["reply"])
+    pytest.param(stack, name, value, id=f"{stack}-{name}-{i}")
+    for stack in STACKS
+    for name in scenario_names(stack)
+    for i, value in enumerate(_guest_stats_values(stack, name))
 ]
 
 
-def test_recordings_have_both_supported_and_unsupported_guest_stats():
-    """Guard: the table above has real figures and all-unsupported ones (no guest driver)."""
-    values = {v for p in GUEST_STATS_REPLIES for v in p.values[1]["stats"].values()}
+def _first_value(name, stack="debian12"):
+    """The first recorded guest-stats value of a scenario."""
+    return copy.deepcopy(_guest_stats_values(stack, name)[0])
+
+
+def test_recordings_have_both_supported_and_unsupported_guest_stats(stack):
+    """Guard: each set has real figures and all-unsupported ones (no guest driver)."""
+    values = {v for p in GUEST_STATS_REPLIES if p.values[0] == stack for v in p.values[2]["stats"].values()}
     assert U64_MAX in values
     assert any(v != U64_MAX for v in values)
 
 
-@pytest.mark.parametrize("name, value", GUEST_STATS_REPLIES)
-def test_parse_every_recorded_guest_stats(name, value):
+@pytest.mark.parametrize("stack, name, value", GUEST_STATS_REPLIES)
+def test_parse_every_recorded_guest_stats(stack, name, value):
     """Every figure kept under QEMU's name; 2^64-1 becomes None; last-update 0 becomes None."""
     stats = parse_guest_stats(value)
     assert stats.values == {k: (None if v == U64_MAX else v) for k, v in value["stats"].items()}
     assert stats.last_update == (value["last-update"] or None)
 
 
-@pytest.mark.parametrize("name, value", GUEST_STATS_REPLIES)
-def test_used_bytes_is_total_minus_available(name, value):
+@pytest.mark.parametrize("stack, name, value", GUEST_STATS_REPLIES)
+def test_used_bytes_is_total_minus_available(stack, name, value):
     """used = MemTotal - MemAvailable, or None when either is unsupported."""
     raw = value["stats"]
     stats = parse_guest_stats(value)
@@ -82,11 +100,42 @@ def test_used_bytes_is_total_minus_available(name, value):
         assert stats.used_bytes > 0
 
 
-def test_recorded_qemu_names_are_exactly_the_table_before_9_2():
-    """QEMU 7.2 reports exactly the stats of STATS that libvirt maps, and none of QEMU 9.2's."""
-    names = {k for p in GUEST_STATS_REPLIES for k in p.values[1]["stats"]}
-    assert names == {s.qemu for s in STATS if s.libvirt is not None}
-    assert names | set(QEMU_9_2) == set(STATS_BY_QEMU_NAME)
+@pytest.mark.parametrize("stack, name", stack_scenarios(exclude={"none"}))
+def test_recorded_qemu_names_are_the_table_of_the_stacks_qemu(stack, name):
+    """QEMU 7.2 reports exactly the stats libvirt maps; QEMU 10.0 the whole table, QEMU 9.2's six included."""
+    for value in _guest_stats_values(stack, name):
+        if stack == "debian12":
+            assert set(value["stats"]) == {s.qemu for s in STATS if s.libvirt is not None}
+            assert not set(value["stats"]) & set(QEMU_9_2)
+        else:
+            assert set(value["stats"]) == set(STATS_BY_QEMU_NAME)
+
+
+#: Scenarios whose guest driver answered before the reads.
+ANSWERED = {"virtio", "virtio-hog", "nostats", "transitional", "stale", "paused"}
+
+
+@pytest.mark.parametrize("stack, name", stack_scenarios(only=ANSWERED))
+def test_the_6_12_guest_fills_qemu_9_2_stats_and_6_1_has_none(stack, name):
+    """A guest that answers: Linux 6.12 on QEMU 10.0 sends the six (idle: every one 0), never unsupported.
+
+    On QEMU 7.2 they are not there at all, whatever the guest.
+    """
+    stats = parse_guest_stats(_guest_stats_values(stack, name)[-1])
+    for stat in QEMU_9_2:
+        if stack == "debian12":
+            assert stat not in stats.values
+        else:
+            assert stats.values[stat] == 0, stat
+
+
+@pytest.mark.parametrize("stack, name", stack_scenarios(only={"nodriver", "noos"}))
+def test_no_guest_driver_leaves_every_stat_unsupported_qemu_9_2_ones_too(stack, name):
+    """No driver answers: every figure the stack's QEMU knows is 2^64-1, and last-update 0."""
+    for value in _guest_stats_values(stack, name):
+        assert set(value["stats"].values()) == {U64_MAX}
+        assert value["last-update"] == 0
+        assert (set(QEMU_9_2) <= set(value["stats"])) is (stack == "next")
 
 
 def test_qemu_9_2_stats_are_in_the_table_without_a_libvirt_name():
@@ -118,13 +167,13 @@ def test_unknown_stat_names_from_newer_qemu_are_kept():
 
 def _qemu_9_2_reply(name="virtio", **figures):
     """Synthetic: a recorded QEMU 7.2 guest-stats value with QEMU 9.2's six stats added."""
-    value = copy.deepcopy(next(p.values[1] for p in GUEST_STATS_REPLIES if p.values[0] == name))
+    value = _first_value(name)
     value["stats"].update({k.replace("_", "-"): v for k, v in figures.items()})
     return value
 
 
 def test_qemu_9_2_stats_parse_as_figures_and_unsupported_as_none():
-    """A newer guest sends them all; an older guest on QEMU 9.2 leaves them 2^64-1: None, never 0."""
+    """Synthetic figures of a busy guest; an older guest on QEMU 9.2 leaves them 2^64-1: None, never 0."""
     value = _qemu_9_2_reply(
         stat_oom_kills=2, stat_alloc_stalls=17, stat_async_scans=4096 * 300,
         stat_direct_scans=U64_MAX, stat_async_reclaims=4096 * 120, stat_direct_reclaims=U64_MAX,
@@ -165,10 +214,10 @@ def test_malformed_guest_stats_are_bad_replies(value):
         parse_guest_stats(value)
 
 
-@pytest.mark.parametrize("name", scenario_names())
-def test_stats_from_libvirt_is_memory_stats_in_bytes(name):
+@pytest.mark.parametrize("stack, name", stack_scenarios())
+def test_stats_from_libvirt_is_memory_stats_in_bytes(stack, name):
     """The libvirt source: KiB x 1024, counts as they are, absent figures None."""
-    memory_stats = load(name)["memory_stats"]
+    memory_stats = load(name, stack)["memory_stats"]
     stats, actual = stats_from_libvirt(memory_stats)
     for spec in STATS:
         kib_or_count = memory_stats.get(spec.libvirt)
@@ -182,12 +231,11 @@ def test_stats_from_libvirt_is_memory_stats_in_bytes(name):
     assert actual == (None if "actual" not in memory_stats else memory_stats["actual"] * 1024)
 
 
-@pytest.mark.parametrize("name", ["virtio", "virtio-hog", "transitional"])
-def test_stats_from_libvirt_matches_qmp_to_the_kib(name):
+@pytest.mark.parametrize("stack, name", stack_scenarios(only={"virtio", "virtio-hog", "transitional"}))
+def test_stats_from_libvirt_matches_qmp_to_the_kib(stack, name):
     """Both sources, same moment: libvirt's figure is QEMU's rounded down to whole KiB."""
-    fixture = load(name)
-    value = next(p.values[1] for p in GUEST_STATS_REPLIES if p.values[0] == name)
-    qmp = parse_guest_stats(value)
+    fixture = load(name, stack)
+    qmp = parse_guest_stats(_first_value(name, stack))
     from_libvirt, _ = stats_from_libvirt(fixture["memory_stats"])
     assert qmp.last_update == from_libvirt.last_update
     for spec in STATS:
@@ -199,23 +247,28 @@ def test_stats_from_libvirt_matches_qmp_to_the_kib(name):
         assert from_libvirt.get(spec.qemu) == expected
 
 
-def test_stats_from_libvirt_leaves_out_what_libvirt_cannot_name():
-    """libvirt has no key for QEMU 9.2's stats: the libvirt source does not have them, not even as None."""
-    stats, _ = stats_from_libvirt(load("virtio")["memory_stats"])
+def test_stats_from_libvirt_leaves_out_what_libvirt_cannot_name(stack):
+    """libvirt has no key for QEMU 9.2's stats: the libvirt source does not have them, not even as None.
+
+    libvirt 11.3 does not map them either, though QEMU 10.0 reported them at that very moment.
+    """
+    fixture = load("virtio", stack)
+    stats, _ = stats_from_libvirt(fixture["memory_stats"])
     assert set(stats.values) == {s.qemu for s in STATS if s.libvirt is not None}
     assert not set(stats.values) & set(QEMU_9_2)
+    assert (set(QEMU_9_2) <= set(_first_value("virtio", stack)["stats"])) is (stack == "next")
 
 
-@pytest.mark.parametrize("name", scenario_names())
-def test_memory_stats_from_domstats_gives_memory_stats(name):
+@pytest.mark.parametrize("stack, name", stack_scenarios())
+def test_memory_stats_from_domstats_gives_memory_stats(stack, name):
     """getAllDomainStats' record, renamed, is what memoryStats() said at the same moment."""
-    fixture = load(name)
+    fixture = load(name, stack)
     assert memory_stats_from_domstats(fixture["all_domain_stats"]) == fixture["memory_stats"]
 
 
-def test_memory_stats_from_domstats_renames_the_odd_ones():
+def test_memory_stats_from_domstats_renames_the_odd_ones(stack):
     """balloon.current -> actual, balloon.last-update -> last_update; balloon.maximum dropped."""
-    record = load("virtio")["all_domain_stats"]
+    record = load("virtio", stack)["all_domain_stats"]
     out = memory_stats_from_domstats(record)
     assert out["actual"] == record["balloon.current"]
     assert out["last_update"] == record["balloon.last-update"]
@@ -314,10 +367,20 @@ def _machine_reset(value):
     return {"stats": {name: U64_MAX for name in value["stats"]}, "last-update": 0}
 
 
+def test_recorded_machine_reset_is_what_the_synthetic_one_says():
+    """QEMU 10.0 read right after virDomainReset: the synthetic reset of a guest's figures, exactly."""
+    figures = _first_value("virtio", "next")
+    after = _guest_stats_values("next", "reset")
+    assert figures["last-update"] > 0 and U64_MAX not in figures["stats"].values()
+    assert after and all(value == _machine_reset(figures) for value in after)
+    reset = parse_guest_stats(after[0])
+    assert reset.last_update is None and set(reset.values.values()) == {None}
+
+
 @pytest.mark.parametrize("name", ["virtio", "virtio-hog", "transitional"])
 def test_machine_reset_reply_is_never_updated_whatever_came_before(name):
     """After figures, a reset reply parses to no figures and no update, and classify says never_updated."""
-    before = parse_guest_stats(next(p.values[1] for p in GUEST_STATS_REPLIES if p.values[0] == name))
+    before = parse_guest_stats(_first_value(name))
     assert before.last_update is not None and before.get("stat-free-memory") is not None
     reset = parse_guest_stats(_machine_reset(_qemu_9_2_reply(name, stat_oom_kills=1)))
     assert reset.last_update is None

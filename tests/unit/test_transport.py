@@ -2,7 +2,7 @@
 
 LibvirtQemuTransport is given an injected ``qemuMonitorCommand`` (the one
 seam it offers), which answers with recorded replies or raises the real
-libvirtError recorded on the testbed.
+libvirtError recorded on the testbed (libvirt 9.0 and 11.3).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import libvirt_qemu
 import pytest
 
 from tests.fakelibvirt import FakeDomain, libvirt_error
-from tests.unit.conftest import libvirt_error_record, load, recorded_error
+from tests.unit.conftest import STACKS, libvirt_error_record, libvirt_errors, load, recorded_error
 from virt_balloon_stats.errors import (
     CommandNotAllowed,
     DomainNotRunning,
@@ -54,18 +54,26 @@ def test_monitor_command_passes_domain_command_and_flags_zero():
     assert guest.counter.snapshot() == {"qemuMonitorCommand": 1}
 
 
+PASSTHROUGH_ERRORS = {
+    "read-only-monitor-command": OperationDenied,
+    "monitor-command-not-running": DomainNotRunning,
+    "command-carries-id": LibvirtFailure,
+    "command-not-json": LibvirtFailure,
+}
+
 CASES = [
-    ("read-only-monitor-command", OperationDenied),
-    ("monitor-command-not-running", DomainNotRunning),
-    ("command-carries-id", LibvirtFailure),
+    pytest.param(stack, record["case"], PASSTHROUGH_ERRORS[record["case"]], id=f"{stack}-{record['case']}")
+    for stack in STACKS
+    for record in libvirt_errors(stack)
+    if record["case"] in PASSTHROUGH_ERRORS
 ]
 
 
-@pytest.mark.parametrize("case, expected", CASES)
-def test_recorded_passthrough_errors_become_typed_errors(case, expected):
+@pytest.mark.parametrize("stack, case, expected", CASES)
+def test_recorded_passthrough_errors_become_typed_errors(stack, case, expected):
     """libvirt's passthrough errors are translated, chained, and name the domain."""
-    record = libvirt_error_record(case)
-    error = recorded_error(case)
+    record = libvirt_error_record(case, stack)
+    error = recorded_error(case, stack)
 
     def monitor(dom, command, flags):
         raise error

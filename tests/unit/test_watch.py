@@ -22,9 +22,9 @@ from virt_balloon_stats.watch import TREND_LENGTH, Tracker, render_frame, sparkl
 RATED = ("stat-major-faults", "stat-minor-faults", "stat-swap-in", "stat-swap-out")
 
 
-def _first(name="virtio-hog"):
-    fixture = load(name)
-    w = World([fixture], now=now_for(fixture))
+def _first(name="virtio-hog", stack="debian12"):
+    fixture = load(name, stack)
+    w = World([fixture], now=now_for(fixture), stack=stack)
     return w.client.sample(fixture["domain"]["name"])
 
 
@@ -102,6 +102,14 @@ def _machine_reset(sample, seconds):
         status=Status.NEVER_UPDATED,
         sampled_at=sample.sampled_at + seconds,
     )
+
+
+def test_synthetic_machine_reset_is_the_recorded_one():
+    """The reset above is what the real client makes of QEMU 10.0 read right after virDomainReset."""
+    recorded = _first("reset", "next")
+    synthetic = _machine_reset(_first("virtio", "next"), 0)
+    assert (recorded.stats, recorded.status) == (synthetic.stats, synthetic.status)
+    assert recorded.polling.qemu_interval == 2  # the reset leaves QEMU's polling timer as it was
 
 
 def test_counter_going_back_is_a_reset_not_a_rate():
