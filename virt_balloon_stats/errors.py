@@ -25,6 +25,7 @@ translates it once, by error code.
      +-- NoBalloonDevice            the domain has no balloon (``model='none'``)
      +-- QOMPathNotFound           the balloon could not be located in QOM
  +-- QEMUUnresponsive          QEMU did not answer within the deadline
+ +-- HistoryError              the history file cannot be used (not one, newer, held)
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "NoBalloonDevice",
     "QOMPathNotFound",
     "QEMUUnresponsive",
+    "HistoryError",
     "short_repr",
 ]
 
@@ -210,3 +212,27 @@ class QEMUUnresponsive(BalloonStatsError):
     Carried by ``unresponsive`` samples; the call itself is left running in
     a daemon thread, and the domain is not asked again until it returns.
     """
+
+
+class HistoryError(BalloonStatsError):
+    """The history file cannot be used: not a history, from a newer schema, held by another writer.
+
+    :param path: The history file.
+    :param holder_pid: The process that writes the file, when another one
+        does (``None`` when it could not be told).
+    :param schema_version: The schema version found in the file, when that
+        is what is wrong with it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        holder_pid: Optional[int] = None,
+        schema_version: Optional[int] = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.holder_pid = holder_pid
+        self.schema_version = schema_version

@@ -43,8 +43,9 @@ LAYERS: Tuple[Floor, ...] = (
         frozenset({"qmp", "domxml", "stats", "polling", "host"}),
     ),
     Floor(
-        "the QMP passthrough (the only importer of libvirt_qemu); QEMU's figures against libvirt's",
-        frozenset({"transport", "crosscheck"}),
+        "the QMP passthrough (the only importer of libvirt_qemu); QEMU's figures against libvirt's; "
+        "reclaim advice from a domain's history",
+        frozenset({"transport", "crosscheck", "advice"}),
     ),
     Floor("QOM path resolution", frozenset({"qompath"})),
     Floor("one domain's figures at one moment", frozenset({"sample"})),
@@ -53,18 +54,27 @@ LAYERS: Tuple[Floor, ...] = (
         "one connection's API; samples rendered for people, scripts and Nagios",
         frozenset({"client", "formats", "nagios"}),
     ),
+    Floor(
+        "reclaim advice for libvirt's domains: their limits and a history's points in, renderings out",
+        frozenset({"advising"}),
+    ),
     Floor("a cycle's call scheduling: one call out per domain, bulk calls", frozenset({"rounds"})),
     Floor("every multi-domain reading", frozenset({"collector"})),
     Floor(
-        "built on the collector: the scripts' BalloonStats, the live view, JSON Lines, Prometheus",
-        frozenset({"facade", "watch", "stream", "metrics", "exporter"}),
+        "the history advice reads: points in a SQLite file, one writer (the only importer of sqlite3)",
+        frozenset({"history"}),
+    ),
+    Floor(
+        "built on the collector: the scripts' BalloonStats, the live view, JSON Lines, Prometheus, "
+        "the history's recorder",
+        frozenset({"facade", "watch", "stream", "metrics", "exporter", "recorder"}),
         frozenset({("exporter", "metrics")}),
     ),
     Floor("the package's face: its public names, loaded on first use", frozenset({"__init__"})),
     Floor("the command line's Run and shared options", frozenset({"cli.common"})),
     Floor(
-        "the command families: one-shot reads, polling control, long-running",
-        frozenset({"cli.reads", "cli.control", "cli.long_running"}),
+        "the command families: one-shot reads, polling control, long-running, reclaim advice",
+        frozenset({"cli.reads", "cli.control", "cli.long_running", "cli.advising"}),
     ),
     Floor("the command line's parsing and dispatch", frozenset({"cli"})),
     Floor("the entry point", frozenset({"__main__"})),
@@ -75,7 +85,8 @@ OUTSIDE: Dict[str, FrozenSet[str]] = {
     "libvirt": frozenset({"host", "events"}),
     "libvirt_qemu": frozenset({"transport"}),
     "lxml": frozenset({"domxml"}),
-    "prometheus_client": frozenset({"metrics", "exporter"}),
+    "prometheus_client": frozenset({"metrics", "exporter", "advising"}),
+    "sqlite3": frozenset({"history"}),
 }
 
 FLOOR_OF = {module: number for number, floor in enumerate(LAYERS) for module in floor.modules}

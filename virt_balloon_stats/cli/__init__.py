@@ -13,8 +13,9 @@ This module parses and dispatches. :data:`COMMANDS` names each command's
 family, a module beside this one that adds the command's parser and runs
 it: :mod:`~virt_balloon_stats.cli.reads` (``stats``, ``path``, ``check``),
 :mod:`~virt_balloon_stats.cli.control` (``period``, ``enable``, ``disable``,
-``rearm``) and :mod:`~virt_balloon_stats.cli.long_running` (``watch``,
-``stream``, ``exporter``); what they share is in
+``rearm``), :mod:`~virt_balloon_stats.cli.long_running` (``watch``,
+``stream``, ``record``, ``exporter``) and :mod:`~virt_balloon_stats.cli.advising`
+(``advise``); what they share is in
 :mod:`~virt_balloon_stats.cli.common`. Only the family of the command given
 is imported. A new command is a function in its family and a row here.
 """
@@ -55,7 +56,9 @@ COMMANDS = {
     "watch": "long_running",
     "rearm": "control",
     "stream": "long_running",
+    "record": "long_running",
     "exporter": "long_running",
+    "advise": "advising",
 }
 
 
@@ -146,7 +149,7 @@ def _validate(args: argparse.Namespace) -> None:
     elif domains is not None and not domains:
         raise UsageError("name at least one domain")
     if args.format == "prometheus" and args.format not in args.formats:
-        raise UsageError("--format prometheus applies to 'stats' only")
+        raise UsageError("--format prometheus applies to 'stats' and 'advise' only")
     if getattr(args, "textfile", None) and args.format == "json":
         raise UsageError("--textfile writes the Prometheus format; drop --format json")
     if args.format not in args.formats:

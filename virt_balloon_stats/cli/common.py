@@ -37,6 +37,8 @@ __all__ = [
     "AddCommand",
     "add_common",
     "add_domains",
+    "add_history",
+    "HISTORY_PATH",
     "add_source",
     "add_grace",
     "add_timeout",
@@ -264,10 +266,11 @@ def add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "--readonly",
         action="store_true",
         default=default(False),
-        help="read-only connection (only --source libvirt works then)",
+        help="read-only connection (for stats: only --source libvirt works then)",
     )
     parser.add_argument(
-        "--format", choices=FORMATS, default=default("table"), help="output format (prometheus: stats only)"
+        "--format", choices=FORMATS, default=default("table"),
+        help="output format (prometheus: stats and advise only)",
     )
     parser.add_argument(
         "--debug", action="store_true", default=default(False), help="show tracebacks and debug logging"
@@ -283,6 +286,16 @@ def add_domains(
         # None: not given, which the dispatch turns into True when no domain is named.
         default = None if all_unless_named else False
         parser.add_argument("--all", action="store_true", default=default, help="every running domain")
+
+
+#: The history file's default place (kept in step with ``history.DEFAULT_PATH``,
+#: which a unit test checks: the parser does not import sqlite3 for a help text).
+HISTORY_PATH = "/var/lib/virt-balloon-stats/history.sqlite"
+
+
+def add_history(parser: argparse.ArgumentParser) -> None:
+    """``--history PATH``: the history file ``record`` writes and ``advise`` reads."""
+    parser.add_argument("--history", metavar="PATH", help=f"the history file (default: {HISTORY_PATH})")
 
 
 def add_source(parser: argparse.ArgumentParser, default: str = "both") -> None:

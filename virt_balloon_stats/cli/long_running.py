@@ -1,4 +1,4 @@
-"""The long-running commands: ``watch``, ``stream`` and ``exporter``.
+"""The long-running commands: ``watch``, ``stream``, ``record`` and ``exporter``.
 
 Each drives a long-running collector: libvirt's events keep its caches, a
 hung QEMU costs only its own row, line or metric, and a lost connection is
@@ -12,17 +12,19 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, List, Set, Tuple
+from typing import TYPE_CHECKING, Callable, List, Set, Tuple
 
 from virt_balloon_stats.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    HISTORY_PATH,
     OWN_OUTPUT,
     AddCommand,
     Run,
     UsageError,
     add_domains,
     add_grace,
+    add_history,
     add_source,
     add_timeout,
     positive,
@@ -30,9 +32,9 @@ from virt_balloon_stats.cli.common import (
 from virt_balloon_stats.errors import BalloonStatsError
 
 if TYPE_CHECKING:
-    from virt_balloon_stats.collector import Cycle
+    from virt_balloon_stats.collector import Collector, Cycle
 
-__all__ = ["add_parsers", "cmd_watch", "cmd_stream", "cmd_exporter"]
+__all__ = ["add_parsers", "cmd_watch", "cmd_stream", "cmd_record", "cmd_exporter"]
 
 #: The exporter's default port (kept in step with ``exporter.DEFAULT_PORT``,
 #: which needs prometheus_client to import).
@@ -86,10 +88,24 @@ def cmd_watch(run: Run) -> int:
     return EXIT_FAILED if run.failed or not frames else EXIT_OK
 
 
-def cmd_stream(run: Run) -> int:
-    """JSON Lines: one document per domain per cycle, until SIGTERM, Ctrl-C or a closed pipe."""
+def _run_until_stopped(
+    collector: "Collector", interval: float, count: int, on_cycle: Callable[["Cycle"], None]
+) -> None:
+    """Run cycles until ``count`` (0: no end), SIGTERM (after the current cycle) or Ctrl-C."""
     import signal
 
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: collector.request_stop())
+    try:
+        collector.run(interval, on_cycle, count=count)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        collector.stop()
+
+
+def cmd_stream(run: Run) -> int:
+    """JSON Lines: one document per domain per cycle, until SIGTERM, Ctrl-C or a closed pipe."""
     from virt_balloon_stats.stream import JsonLines
 
     args = run.args
@@ -101,14 +117,7 @@ def cmd_stream(run: Run) -> int:
         run.report_cycle(cycle, reported)
         lines(cycle)
 
-    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: collector.request_stop())
-    try:
-        collector.run(args.interval, on_cycle, count=args.count)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        collector.stop()
+    _run_until_stopped(collector, args.interval, args.count, on_cycle)
     if lines.closed:
         # The reader went away: that is how a pipe ends. Whatever is left in
         # stdout's buffer goes nowhere, so the exit does not fail on it.
@@ -116,6 +125,29 @@ def cmd_stream(run: Run) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), run.out.fileno())
         return EXIT_OK
     return EXIT_FAILED if run.failed and not lines.lines else EXIT_OK
+
+
+def cmd_record(run: Run) -> int:
+    """Keep each domain's figures in the history file, one point per cycle, until SIGTERM or Ctrl-C.
+
+    The history is what ``advise`` reads; only one process writes a file at
+    a time, and a second one is refused at once with the holder named.
+    """
+    from virt_balloon_stats.history import History
+    from virt_balloon_stats.recorder import Recorder
+
+    args = run.args
+    with History.open(args.history or HISTORY_PATH, writer=True) as history:
+        recorder = Recorder(history, args.interval)
+        collector = run.collector(events=True, timeout=args.timeout or args.interval, log_changes=True)
+        reported: Set[Tuple[str, str, str]] = set()
+
+        def on_cycle(cycle: Cycle) -> None:
+            run.report_cycle(cycle, reported)
+            recorder.record(cycle)
+
+        _run_until_stopped(collector, args.interval, args.count, on_cycle)
+    return EXIT_FAILED if run.failed and not recorder.points else EXIT_OK
 
 
 def cmd_exporter(run: Run) -> int:
@@ -169,7 +201,7 @@ def cmd_exporter(run: Run) -> int:
 
 
 def add_parsers(command: AddCommand) -> None:
-    """``watch``, ``stream`` and ``exporter``, with their options."""
+    """``watch``, ``stream``, ``record`` and ``exporter``, with their options."""
     p = command(
         "watch",
         cmd_watch,
@@ -207,6 +239,29 @@ def add_parsers(command: AddCommand) -> None:
     add_domains(p)
     add_source(p)
     add_grace(p)
+    p.add_argument(
+        "--interval", type=positive, default=10.0, metavar="S", help="seconds between cycles (default: 10)"
+    )
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N cycles (default: never)")
+    add_timeout(p, None)
+
+    p = command(
+        "record",
+        cmd_record,
+        "keep each domain's figures for 'advise'",
+        "Collect every --interval seconds and keep each domain's figures in the history file, a "
+        "SQLite file that 'advise' reads: figures only while they are ok, and stale, never-updated, "
+        "unresponsive or paused intervals as gaps. Eight days are kept, older ones at a lower "
+        "resolution. One process writes a file at a time. Without DOMAIN, every running domain. "
+        "SIGTERM stops it; a SIGKILL loses at most the cycle being written.",
+        examples=("record", "record --history /srv/vbs/history.sqlite --interval 5"),
+        formats=OWN_OUTPUT,
+        long_running=True,
+    )
+    add_domains(p, all_unless_named=True)
+    add_source(p)
+    add_grace(p)
+    add_history(p)
     p.add_argument(
         "--interval", type=positive, default=10.0, metavar="S", help="seconds between cycles (default: 10)"
     )
