@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Sequence
 
 from virt_balloon_stats.advice import Advice, Limits, Point, Policy, advise, host_total
 from virt_balloon_stats.domxml import parse_memory
-from virt_balloon_stats.errors import DomainNotRunning, InvalidArgument
+from virt_balloon_stats.errors import NEEDS_PROMETHEUS_CLIENT, DomainNotRunning, InvalidArgument
 from virt_balloon_stats.formats import format_age, human_bytes, render_json, render_table
 
 if TYPE_CHECKING:
@@ -139,10 +139,7 @@ def advice_families(advices: Sequence[DomainAdvice], hosts: Sequence[str]) -> Li
     try:
         from prometheus_client.core import GaugeMetricFamily
     except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise InvalidArgument(
-            "Prometheus output needs prometheus_client: pip install 'virt_balloon_stats[exporter]' "
-            "(Debian: apt install python3-prometheus-client)"
-        ) from err
+        raise InvalidArgument(NEEDS_PROMETHEUS_CLIENT) from err
     labels = ["uri", "domain", "uuid"]
     recommended = GaugeMetricFamily(
         "virt_balloon_recommended_bytes", "memory the guest should have, judged from its history",

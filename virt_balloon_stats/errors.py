@@ -53,7 +53,15 @@ __all__ = [
     "QEMUUnresponsive",
     "HistoryError",
     "short_repr",
+    "NEEDS_PROMETHEUS_CLIENT",
 ]
+
+
+#: What a Prometheus rendering says when the ``exporter`` extra is not installed.
+NEEDS_PROMETHEUS_CLIENT = (
+    "Prometheus output needs prometheus_client: pip install 'virt_balloon_stats[exporter]' "
+    "(Debian: apt install python3-prometheus-client)"
+)
 
 
 def short_repr(value: Any, limit: int = 80) -> str:

@@ -28,7 +28,7 @@ import re
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from virt_balloon_stats.collector import Cycle, Totals
-from virt_balloon_stats.errors import InvalidArgument
+from virt_balloon_stats.errors import NEEDS_PROMETHEUS_CLIENT, InvalidArgument
 from virt_balloon_stats.lanes import LaneStats
 from virt_balloon_stats.sample import Sample
 from virt_balloon_stats.stats import ACTUAL, STATS, STATS_BY_QEMU_NAME, StatSpec, Status
@@ -37,10 +37,7 @@ try:
     from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 except ImportError as _err:  # pragma: no cover - exercised only without the extra
-    raise InvalidArgument(
-        "Prometheus output needs prometheus_client: pip install 'virt_balloon_stats[exporter]' "
-        "(Debian: apt install python3-prometheus-client)"
-    ) from _err
+    raise InvalidArgument(NEEDS_PROMETHEUS_CLIENT) from _err
 
 __all__ = ["PREFIX", "metric_name", "CycleMetrics", "registry_for", "render", "write_textfile"]
 

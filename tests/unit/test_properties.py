@@ -1125,7 +1125,10 @@ def test_render_always_parses_and_labels_round_trip(cycle):
 
 # -- the CLI -------------------------------------------------------------------------------
 
-COMMANDS = ("stats", "period", "enable", "disable", "path", "check", "watch", "rearm", "stream", "exporter")
+COMMANDS = (
+    "stats", "period", "enable", "disable", "path", "check", "watch", "rearm", "stream", "exporter", "record",
+    "advise",
+)
 
 #: Where the generated command lines' files live; replaced by the test's tmp_path.
 TMP = "@TMP@"
@@ -1144,10 +1147,13 @@ USERS_FILES = {
     "users\nnewline": (b"bob\n", 0o600),
 }
 USERS = tuple(f"{TMP}/{name}" for name in USERS_FILES) + (f"{TMP}/missing-users", f"{TMP}/dir")
+#: History files: a new one, one that is not a history, a folder, one whose folder is missing.
+HISTORIES = (f"{TMP}/history.sqlite", f"{TMP}/garbage.xml", f"{TMP}/dir", f"{TMP}/missing/history.sqlite")
 
 SECONDS = st.sampled_from(
     ["0", "1", "5", "0.5", "-1", "1e3", "nan", "inf", "-inf", "", " 5 ", "\u0665", "abc", "1_0", "9" * 5000]
 ) | st.integers(-10, 10**6).map(str)
+DURATIONS = SECONDS | st.sampled_from(["8d", "36h", "90m", "300s", "1d2h", "d", "-1h", "0s", "1e9d", "nanh"])
 INTERVAL_ARGS = INTERVAL_WORDS | st.integers(-(2**40), 2**40).map(str) | st.sampled_from(["1.5", "-1", "+5"])
 #: A real argv holds no NUL; anything else, non-UTF-8 bytes included, can be typed.
 WORDS = st.text(st.characters(exclude_characters="\x00"), max_size=12) | st.binary(max_size=8).map(
@@ -1184,6 +1190,16 @@ def _cli_options() -> Dict[str, Dict[str, Any]]:
         "watch": {**reading, "--interval": SECONDS, "--count": SECONDS},
         "rearm": {**common, **timing, "--all": None, "--via": via, "--force": None, "--wait": SECONDS},
         "stream": {**reading, "--interval": SECONDS, "--count": SECONDS},
+        "record": {
+            **reading, "--interval": SECONDS, "--count": SECONDS, "--history": st.sampled_from(HISTORIES),
+        },
+        "advise": {
+            **common,
+            "--all": None,
+            "--history": st.sampled_from(HISTORIES),
+            "--window": DURATIONS,
+            "--min-history": DURATIONS,
+        },
         "exporter": {
             **reading,
             "--listen": st.sampled_from(["127.0.0.1:0", ":0", "[::1]:0", "[::1]", "1:2:3", "h:9999"]) | WORDS,
@@ -1228,8 +1244,10 @@ def command_lines(draw: Any) -> List[str]:
         else:
             argv.append(draw(WORDS))
     argv += draw(st.sampled_from([[]] * 12 + [["--help"], ["-h"], ["--version"]]))
-    if command in ("watch", "stream"):
-        argv += ["--count", "1"]  # both run until Ctrl-C otherwise
+    if command in ("watch", "stream", "record"):
+        argv += ["--count", "1"]  # they run until Ctrl-C otherwise
+    if command in ("record", "advise"):
+        argv += ["--history", f"{TMP}/history.sqlite"]  # never the default, a system path
     return argv
 
 
