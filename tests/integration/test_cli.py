@@ -206,7 +206,7 @@ def test_python_dash_m_help_lists_every_command():
         (["stats"], "name at least one domain, or use --all"),
         (["check"], "name at least one domain, or use --all"),
         (["stats", "--all", MISSING], "give domains or --all, not both"),
-        (["path", "--format", "prometheus", MISSING], "--format prometheus applies to 'stats' only"),
+        (["path", "--format", "prometheus", MISSING], "--format prometheus applies to 'stats' and 'advise'"),
         (["check", "--format", "json", MISSING], "--format does not apply"),
         (["check", "--max-age", "0", MISSING], "argument --max-age"),
         (["watch", "--interval", "0", MISSING], "argument --interval"),
