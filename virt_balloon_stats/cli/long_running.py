@@ -7,6 +7,7 @@ retried while the output says so. A failure is reported once, not every cycle.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -200,6 +201,17 @@ def cmd_exporter(run: Run) -> int:
     return EXIT_OK
 
 
+def _add_cycles(parser: argparse.ArgumentParser) -> None:
+    """``--interval``, ``--count`` and ``--timeout`` of the commands that run cycles until stopped."""
+    parser.add_argument(
+        "--interval", type=positive, default=10.0, metavar="S", help="seconds between cycles (default: 10)"
+    )
+    parser.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N cycles (default: never)"
+    )
+    add_timeout(parser, None)
+
+
 def add_parsers(command: AddCommand) -> None:
     """``watch``, ``stream``, ``record`` and ``exporter``, with their options."""
     p = command(
@@ -239,11 +251,7 @@ def add_parsers(command: AddCommand) -> None:
     add_domains(p)
     add_source(p)
     add_grace(p)
-    p.add_argument(
-        "--interval", type=positive, default=10.0, metavar="S", help="seconds between cycles (default: 10)"
-    )
-    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N cycles (default: never)")
-    add_timeout(p, None)
+    _add_cycles(p)
 
     p = command(
         "record",
@@ -262,11 +270,7 @@ def add_parsers(command: AddCommand) -> None:
     add_source(p)
     add_grace(p)
     add_history(p)
-    p.add_argument(
-        "--interval", type=positive, default=10.0, metavar="S", help="seconds between cycles (default: 10)"
-    )
-    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N cycles (default: never)")
-    add_timeout(p, None)
+    _add_cycles(p)
 
     p = command(
         "exporter",
