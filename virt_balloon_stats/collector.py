@@ -298,6 +298,18 @@ class Collector:
         """The last complete cycle, or ``None`` before the first."""
         return self._last
 
+    def guest(self, uri: str, uuid: str) -> Optional[Guest]:
+        """The :class:`Guest` this collector reads a domain through, while it knows the domain.
+
+        For what runs between cycles in the collector's thread (``on_cycle``),
+        such as advice made from the domains of the last cycle: it reuses the
+        collector's connection and domain object, so it costs no lookup.
+        """
+        for session in self._sessions:
+            if session.uri == uri and uuid in session.entries:
+                return session.entries[uuid].guest
+        return None
+
     @property
     def threads(self) -> int:
         """Worker threads alive now (stuck ones included)."""

@@ -32,11 +32,11 @@ import secrets
 import socket
 import ssl
 import threading
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 from prometheus_client.exposition import choose_encoder
 
-from virt_balloon_stats.collector import Collector
+from virt_balloon_stats.collector import Collector, Cycle
 from virt_balloon_stats.errors import InvalidArgument
 from virt_balloon_stats.metrics import CycleMetrics, registry_for
 
@@ -289,10 +289,21 @@ class Exporter:
 
     :param collector: Built with ``events=True`` and ``log_changes=True`` for a
         service; the exporter starts and stops it.
+    :param on_cycle: Called in the collector's thread after each cycle (a
+        :class:`~virt_balloon_stats.keeper.HistoryKeeper` records it).
+    :param extra: More ``prometheus_client`` collectors to serve beside the
+        cycle's families (the keeper's advice).
     :raise InvalidArgument: For a bad listen address, TLS files or auth file.
     """
 
-    def __init__(self, collector: Collector, config: ExporterConfig) -> None:
+    def __init__(
+        self,
+        collector: Collector,
+        config: ExporterConfig,
+        *,
+        on_cycle: Optional[Callable[[Cycle], None]] = None,
+        extra: Sequence[Any] = (),
+    ) -> None:
         if bool(config.tls_cert) != bool(config.tls_key):
             raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
         if not config.interval > 0:
@@ -301,6 +312,9 @@ class Exporter:
         self.config = config
         self.host, self.port = parse_listen(config.listen)
         self.registry = registry_for(CycleMetrics(lambda: collector.last, lambda: collector.totals))
+        self._on_cycle = on_cycle
+        for served in extra:
+            self.registry.register(served)
         self.tls: Optional[ssl.SSLContext] = None
         self._users: Dict[str, str] = {}
         self._verified: Set[Tuple[str, str]] = set()  # right credentials only: bounded by the users
@@ -374,7 +388,7 @@ class Exporter:
         server.exporter = self
         self.port = server.server_address[1]
         self._server = server
-        self.collector.start(self.config.interval)
+        self.collector.start(self.config.interval, self._on_cycle)
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="vbs-http", daemon=True
         )

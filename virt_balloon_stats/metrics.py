@@ -112,6 +112,18 @@ def _domain_metrics(families: _Families, s: Sample) -> None:
                 families.counter(metric_name(spec), help_text, _DOMAIN_LABELS).add_metric(ids, value)
             else:
                 families.gauge(metric_name(spec), help_text, _DOMAIN_LABELS).add_metric(ids, value)
+        used = s.stats.used_bytes
+        if s.status is Status.OK and used is not None and used >= 0:
+            # Derived, against the usual rule, because what it needs is the
+            # freshness: only figures whose status is ok say what the guest
+            # uses now, and this series is absent otherwise, so PromQL over it
+            # (``advise --prometheus``, advice-rules.yml) never counts a stale
+            # or a restarted guest's leftovers as use.
+            families.gauge(
+                f"{PREFIX}_used_memory_bytes",
+                "memory the guest uses (total - available), served only while its figures are ok",
+                _DOMAIN_LABELS,
+            ).add_metric(ids, used)
         if s.last_update is not None:
             families.gauge(
                 f"{PREFIX}_last_update_seconds", "epoch seconds of the guest's last answer", _DOMAIN_LABELS

@@ -18,6 +18,8 @@ B6  the exporter: CPU, peak RSS, scrape latency
 B7  a cold ``stats DOMAIN --format json`` against the bare imports
 B8  the same against ``virsh dommemstat``
 B9  ``stats --all --timeout 5`` with one QEMU stopped
+B13 the exporter keeping history (``--history``) against the same without
+B14 ``advise --all`` over 8 days of history a domain, scaled to 100 domains
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -189,11 +192,11 @@ def proc_peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def exporter_run(names: Sequence[str], seconds: float, interval: float) -> Dict[str, Any]:
-    """B6: the exporter over the domains, scraped every interval for ``seconds``."""
+def exporter_run(names: Sequence[str], seconds: float, interval: float, *extra: str) -> Dict[str, Any]:
+    """B6: the exporter over the domains, scraped every interval for ``seconds``; ``extra`` options."""
     port = free_port()
     proc = subprocess.Popen(
-        [CLI, "exporter", "--listen", f"127.0.0.1:{port}", "--interval", str(interval), *names],
+        [CLI, "exporter", "--listen", f"127.0.0.1:{port}", "--interval", str(interval), *extra, *names],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}/metrics"
@@ -340,6 +343,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report.add("B6", "exporter peak RSS", six["peak_rss_mb"], " MB", "<= 60 MB", six["peak_rss_mb"] <= 60)
         report.add("B6", "exporter scrape latency p99", six["scrape_p99_s"] * 1000, " ms", "<= 50 ms",
                    six["scrape_p99_s"] <= 0.05)
+
+        rounds = 3
+        log(f"B13: the exporter with and without history, {rounds} rounds of {args.exporter_seconds / 2:g} s")
+        shares: Dict[str, List[float]] = {"plain": [], "history": []}
+        with tempfile.TemporaryDirectory(prefix="vbs-bench-") as folder:
+            for number in range(rounds):
+                shares["plain"].append(exporter_run(names, args.exporter_seconds / 2, 5.0)["cpu_share"])
+                kept = exporter_run(names, args.exporter_seconds / 2, 5.0,
+                                    "--history", f"{folder}/history-{number}.sqlite")
+                shares["history"].append(kept["cpu_share"])
+        thirteen = statistics.median(shares["history"]) / statistics.median(shares["plain"])
+        report.add("B13", "exporter CPU keeping history over without", thirteen, "x", "<= 1.1x",
+                   thirteen <= 1.1, {k: [round(v * 100, 3) for v in vs] for k, vs in shares.items()})
 
         guest = names[0]
         log("B7-B8: cold commands")

@@ -17,6 +17,7 @@ elsewhere they are skipped with the package to install.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -41,11 +42,16 @@ from tests.integration.conftest import ROOT, URI, Connection, Domains, wait_for
 
 PROMETHEUS_DIR = ROOT / "contrib" / "prometheus"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
-RULE_FILES = (PROMETHEUS_DIR / "recording-rules.yml", PROMETHEUS_DIR / "alert-rules.yml")
+RULE_FILES = tuple(
+    PROMETHEUS_DIR / name for name in ("recording-rules.yml", "advice-rules.yml", "alert-rules.yml")
+)
 RULE_TESTS = PROMETHEUS_DIR / "tests" / "alert-rules.test.yml"
 DASHBOARD = ROOT / "contrib" / "grafana" / "virt-balloon-stats.json"
 CLI = shutil.which("virt-balloon-stats") or str(Path(sys.executable).parent / "virt-balloon-stats")
 JOB = "virt-balloon-stats"
+
+#: The advice the exporter serves and the test asks for: a minute of history is enough.
+ADVICE = ("--window", "1h", "--min-history", "60s")
 
 #: Metrics a healthy testbed legitimately has no sample of, with their labels
 #: (metrics.py): the exporter adds an error kind at its first error. It must
@@ -186,14 +192,15 @@ def test_metric_extraction_sees_what_it_must() -> None:
 def test_promtool_check_config() -> None:
     proc = promtool("check", "config", CONFIG.name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 2 rule files found" in proc.stdout, proc.stdout
+    assert f"SUCCESS: {len(RULE_FILES)} rule files found" in proc.stdout, proc.stdout
 
 
 def test_promtool_check_rules() -> None:
-    proc = promtool("check", "rules", *(str(path) for path in RULE_FILES))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"SUCCESS: {len(rule_names('record'))} rules found" in proc.stdout
-    assert f"SUCCESS: {len(rule_names('alert'))} rules found" in proc.stdout
+    for path in RULE_FILES:
+        proc = promtool("check", "rules", str(path))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        rules = len(re.findall(r"^\s*- (?:record|alert):", path.read_text(), re.M))
+        assert f"SUCCESS: {rules} rules found" in proc.stdout, (path.name, proc.stdout)
 
 
 def test_promtool_test_rules() -> None:
@@ -217,9 +224,12 @@ def test_rule_tests_cover_every_alert_both_ways() -> None:
 
 @dataclasses.dataclass
 class Stack:
-    """A guest, the exporter reading only it, and Prometheus scraping that exporter every second."""
+    """Two guests (one idle, one holding 100 MiB), the exporter reading only them and keeping their
+    history, and Prometheus scraping that exporter every second."""
 
     domain: str
+    hog: str
+    history: Path
     uuid: str
     instance: str
     prometheus_url: str
@@ -278,7 +288,9 @@ def _prometheus_config(workdir: Path, exporter: str) -> Path:
     config = workdir / "prometheus.yml"
     config.write_text(text)
     for path in RULE_FILES:
-        shutil.copy(path, workdir / path.name)
+        # A group's own interval (the advice's minute) goes to a second as well.
+        text = re.sub(r"^(\s*interval:\s*)1m\s*$", r"\g<1>1s", path.read_text(), flags=re.M)
+        (workdir / path.name).write_text(text)
     (workdir / "targets").mkdir()
     (workdir / "targets" / "testbed.yml").write_text(f'- targets: ["{exporter}"]\n')
     return config
@@ -309,14 +321,20 @@ def stack(libvirt_conn: Connection) -> Iterator[Stack]:
     exporter: Optional["subprocess.Popen[bytes]"] = None
     prometheus: Optional["subprocess.Popen[bytes]"] = None
     try:
-        domain = domains.create("virtio", "prom", wait_stats=True)
+        # 384 MiB each: <memory> caps no recommendation, even one widened by half for a short history.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            idle = pool.submit(domains.create, "virtio", "prom", "--memory", "384", wait_stats=True)
+            hog = pool.submit(domains.create, "virtio", "prom-hog", "--memory", "384", "--hog", "100",
+                              wait_stats=True)
+            domain, hog_domain = idle.result(), hog.result()
 
         exporter_port = free_port()
         instance = f"127.0.0.1:{exporter_port}"
         exporter_log = workdir / "exporter.log"
         with exporter_log.open("wb") as log:
             exporter = subprocess.Popen(
-                [CLI, "exporter", "-c", URI, "--listen", instance, "--interval", "1", domain],
+                [CLI, "exporter", "-c", URI, "--listen", instance, "--interval", "1", domain, hog_domain,
+                 "--history", str(workdir / "history.sqlite"), "--advise-every", "2s", *ADVICE],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         metrics_url = f"http://{instance}/metrics"
@@ -344,6 +362,8 @@ def stack(libvirt_conn: Connection) -> Iterator[Stack]:
             )
         result = Stack(
             domain=domain,
+            hog=hog_domain,
+            history=workdir / "history.sqlite",
             uuid=libvirt_conn.get().lookupByName(domain).UUIDString(),
             instance=instance,
             prometheus_url=f"http://127.0.0.1:{prometheus_port}",
@@ -406,8 +426,9 @@ def loaded_rules(stack: Stack, kind: Optional[str] = None) -> List[Dict[str, Any
 
 def test_rules_load_and_evaluate_without_error(stack: Stack) -> None:
     rules = loaded_rules(stack)
-    assert [r["name"] for r in rules if r["type"] == "recording"] == rule_names("record")
-    assert [r["name"] for r in rules if r["type"] == "alerting"] == rule_names("alert")
+    # Prometheus lists the groups by file name, each in file order.
+    assert sorted(r["name"] for r in rules if r["type"] == "recording") == sorted(rule_names("record"))
+    assert sorted(r["name"] for r in rules if r["type"] == "alerting") == sorted(rule_names("alert"))
     for rule in rules:
         assert rule["health"] == "ok" and not rule.get("lastError"), rule
 
@@ -471,6 +492,52 @@ def test_dashboard_queries_real_metrics(stack: Stack) -> None:
         for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
             for series in result:
                 assert label in series["metric"], f"{where}: no {label} for its legend: {series}"
+
+
+def _advise(stack: Stack, *source: str) -> Dict[str, Dict[str, Any]]:
+    proc = subprocess.run(
+        [CLI, "advise", "-c", URI, *source, *ADVICE, "--format", "json", stack.domain, stack.hog],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return {doc["domain"]: doc for doc in json.loads(proc.stdout)}
+
+
+def test_advice_from_the_history_file_and_from_prometheus_agree(stack: Stack) -> None:
+    """The same guests advised from the exporter's history file and from Prometheus: within 5 %.
+
+    Both are the installed ``advise``; one reads the file the exporter keeps
+    (``--history``), the other PromQL over what Prometheus scraped from the
+    same exporter (``--prometheus``). The exporter serves the advice it makes
+    from its file too, and Prometheus has scraped it.
+    """
+    names = (stack.domain, stack.hog)
+    both: Dict[str, Dict[str, Dict[str, Any]]] = {}
+
+    def advised() -> bool:
+        both["history"] = _advise(stack, "--history", str(stack.history))
+        both["prometheus"] = _advise(stack, "--prometheus", stack.prometheus_url)
+        return all(both[kind][name]["recommended"] is not None for kind in both for name in names)
+
+    wait_for(advised, timeout=180, what="a minute of usable history in the file and in Prometheus")
+    for name in names:
+        by_file, by_prometheus = both["history"][name], both["prometheus"][name]
+        for key in ("recommended", "demand", "reclaimable"):
+            assert by_prometheus[key] == pytest.approx(by_file[key], rel=0.05), (key, by_file, by_prometheus)
+        assert by_prometheus["actual"] == by_file["actual"] == 384 * 2**20
+    hog, idle = both["history"][stack.hog], both["history"][stack.domain]
+    assert hog["demand"] >= 100 * 2**20 > idle["demand"], (hog, idle)
+    assert idle["reclaimable"] > 0, idle
+
+    served = {
+        series["metric"]["domain"]: float(series["value"][1])
+        for series in stack.query(f'virt_balloon_recommended_bytes{{instance="{stack.instance}"}}')
+    }
+    assert set(served) == set(names), served
+    for name in names:
+        assert served[name] == pytest.approx(both["history"][name]["recommended"], rel=0.05), (name, served)
+    confidence = stack.query(f'virt_balloon_advice_confidence{{domain="{stack.hog}"}}')
+    assert len(confidence) == 1 and 0 < float(confidence[0]["value"][1]) <= 1, confidence
 
 
 def test_healthy_guest_raises_no_alert(stack: Stack) -> None:

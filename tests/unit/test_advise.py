@@ -34,7 +34,7 @@ from tests.unit.test_domxml_memory import with_memtune
 from virt_balloon_stats.advice import Advice, Limits, Point, Policy, advise
 from virt_balloon_stats.advising import DomainAdvice, advise_guest, limits_of, render_advice_table
 from virt_balloon_stats.cli import main
-from virt_balloon_stats.cli.advising import duration, spell_duration
+from virt_balloon_stats.cli.common import duration, spell_duration
 from virt_balloon_stats.collector import Collector
 from virt_balloon_stats.errors import HistoryError
 from virt_balloon_stats.history import SCHEMA_VERSION, History

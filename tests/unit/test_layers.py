@@ -61,14 +61,19 @@ LAYERS: Tuple[Floor, ...] = (
     Floor("a cycle's call scheduling: one call out per domain, bulk calls", frozenset({"rounds"})),
     Floor("every multi-domain reading", frozenset({"collector"})),
     Floor(
-        "the history advice reads: points in a SQLite file, one writer (the only importer of sqlite3)",
-        frozenset({"history"}),
+        "the history advice reads: points in a SQLite file, one writer (the only importer of sqlite3), "
+        "or made by PromQL from a Prometheus server",
+        frozenset({"history", "promhistory"}),
     ),
     Floor(
         "built on the collector: the scripts' BalloonStats, the live view, JSON Lines, Prometheus, "
         "the history's recorder",
         frozenset({"facade", "watch", "stream", "metrics", "exporter", "recorder"}),
         frozenset({("exporter", "metrics")}),
+    ),
+    Floor(
+        "history kept by a long-running collector: each cycle recorded, advice refreshed and served",
+        frozenset({"keeper"}),
     ),
     Floor("the package's face: its public names, loaded on first use", frozenset({"__init__"})),
     Floor("the command line's Run and shared options", frozenset({"cli.common"})),
@@ -85,7 +90,7 @@ OUTSIDE: Dict[str, FrozenSet[str]] = {
     "libvirt": frozenset({"host", "events"}),
     "libvirt_qemu": frozenset({"transport"}),
     "lxml": frozenset({"domxml"}),
-    "prometheus_client": frozenset({"metrics", "exporter", "advising"}),
+    "prometheus_client": frozenset({"metrics", "exporter", "advising", "keeper"}),
     "sqlite3": frozenset({"history"}),
 }
 

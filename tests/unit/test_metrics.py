@@ -248,6 +248,29 @@ def test_counters_are_exactly_the_cumulative_stats_and_only_they_end_in_total(st
                 assert not sample.name.endswith("_total"), sample.name
 
 
+@pytest.mark.parametrize(
+    "stack, name", stack_scenarios(only={"virtio", "virtio-hog", "stale", "paused", "reset"})
+)
+def test_used_memory_is_served_only_while_the_figures_are_ok(stack, name):
+    """virt_balloon_used_memory_bytes is total - available of an ok domain, and absent otherwise.
+
+    A stale or paused domain still has its last figures served, so PromQL
+    over them would count a guest's leftovers as use; this series is what
+    ``advise --prometheus`` reads.
+    """
+    cycle, totals = _cycle([name], stack=stack)
+    [sample] = cycle.samples
+    served = [value for _, value in _of(_samples(render(cycle, totals)), "virt_balloon_used_memory_bytes")]
+    if sample.status is Status.OK:
+        assert sample.stats is not None
+        total, available = sample.get("stat-total-memory"), sample.get("stat-available-memory")
+        assert total is not None and available is not None
+        assert served == [total - available] and 0 < served[0] < total
+    else:
+        assert sample.status in (Status.STALE, Status.PAUSED, Status.NEVER_UPDATED)
+        assert served == []
+
+
 @pytest.mark.parametrize("stack, name", stack_scenarios(only={"nodriver", "noos", "reset"}))
 def test_unsupported_figures_are_left_out_never_zero(stack, name):
     """No guest driver (or none since a machine reset): no figure series at all, never a 0, no last-update.

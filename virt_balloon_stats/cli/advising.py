@@ -1,19 +1,17 @@
 """Reclaim advice: ``advise``.
 
-It reads the history file (read-only: the writer never waits for it) and,
-for each domain, libvirt's XML; the advice itself is
+It reads each domain's history, from the history file (read-only: the
+writer never waits for it) or from Prometheus (``--prometheus URL``), and
+libvirt's XML for each domain; the advice itself is
 :mod:`~virt_balloon_stats.advising`'s and :mod:`~virt_balloon_stats.advice`'s.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-import re
+import contextlib
 import time
-from typing import Dict, List
+from typing import TYPE_CHECKING, Iterator, List
 
-from virt_balloon_stats.advice import Policy
 from virt_balloon_stats.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -21,40 +19,32 @@ from virt_balloon_stats.cli.common import (
     HISTORY_PATH,
     AddCommand,
     Run,
-    UsageError,
     add_domains,
     add_history,
+    add_policy,
+    policy_of,
 )
 from virt_balloon_stats.errors import BalloonStatsError, HistoryError
 
-__all__ = ["add_parsers", "cmd_advise", "duration", "spell_duration"]
+if TYPE_CHECKING:
+    from virt_balloon_stats.advising import PointSource
 
-#: Seconds per unit of a duration.
-_UNITS: Dict[str, int] = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-def duration(text: str) -> float:
-    """``8d``, ``36h``, ``90m``, ``300s`` or plain seconds (``1.5h`` too) -> seconds, more than 0.
-
-    :raise argparse.ArgumentTypeError: For anything else, 0, or a length past a float's range.
-    """
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([dhms]?)\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text[:40]!r}; give a number with d, h, m or s (8d, 36h, 90m, 300s) or seconds"
-        )
-    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if not 0 < seconds < math.inf:
-        raise argparse.ArgumentTypeError(f"a duration must be more than 0 and finite, not {text[:40]!r}")
-    return seconds
+__all__ = ["add_parsers", "cmd_advise"]
 
 
-def spell_duration(seconds: float) -> str:
-    """Seconds in the largest unit that divides them: ``691200`` -> ``8d``; what :func:`duration` reads."""
-    for unit, size in _UNITS.items():
-        if seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
+@contextlib.contextmanager
+def _history_of(run: Run) -> Iterator["PointSource"]:
+    """Where the points come from: Prometheus when asked, else the history file, read-only."""
+    if run.args.prometheus:
+        from virt_balloon_stats.promhistory import PrometheusHistory
+
+        with PrometheusHistory(run.args.prometheus) as prometheus:
+            yield prometheus.points
+    else:
+        from virt_balloon_stats.history import History
+
+        with History.open(run.args.history or HISTORY_PATH, writer=False) as history:
+            yield history.points
 
 
 def cmd_advise(run: Run) -> int:
@@ -66,24 +56,18 @@ def cmd_advise(run: Run) -> int:
         render_advice_prometheus,
         render_advice_table,
     )
-    from virt_balloon_stats.history import History
 
     args = run.args
-    if args.min_history > args.window:
-        raise UsageError(
-            f"--min-history {spell_duration(args.min_history)} is longer than --window "
-            f"{spell_duration(args.window)}: no domain could ever have enough history"
-        )
-    policy = Policy(window_seconds=args.window, min_history_seconds=args.min_history)
+    policy = policy_of(args)
     advices: List[DomainAdvice] = []
     answered: List[str] = []
-    with History.open(args.history or HISTORY_PATH, writer=False) as history:
+    with _history_of(run) as points:
         now = time.time()
         for client in run.clients():
             answered.append(client.host.uri)
             for guest in run.guests(client):
                 try:
-                    advices.append(advise_guest(guest, client.host.uri, history.points, policy, now))
+                    advices.append(advise_guest(guest, client.host.uri, points, policy, now))
                 except HistoryError:
                     raise  # every domain's failure, not this one's: one line, from main
                 except BalloonStatsError as err:
@@ -99,7 +83,6 @@ def cmd_advise(run: Run) -> int:
 
 def add_parsers(command: AddCommand) -> None:
     """``advise``, with its options."""
-    defaults = Policy()
     p = command(
         "advise",
         cmd_advise,
@@ -110,29 +93,23 @@ def add_parsers(command: AddCommand) -> None:
         "(15 %, at least 64 MiB), widened while the history is short, never below <min_guarantee> or "
         "128 MiB, never above <memory>; reclaimable is the balloon size above it. A domain with less "
         "usable history than --min-history gets 'insufficient history'. The table ends with what each "
-        "host could take back. The history file is only read: its writer never waits for it.",
+        "host could take back. The history file is only read: its writer never waits for it. With "
+        "--prometheus, the history is read from a Prometheus server that scrapes the exporter of each "
+        "host, by PromQL over its series, one point a minute.",
         examples=(
             "advise --all",
             "advise --all --format json --history /srv/vbs/history.sqlite",
             "advise --window 2d --min-history 12h web1 db1",
+            "advise --all --prometheus http://prometheus.example:9090",
         ),
         formats=FORMATS,
     )
     add_domains(p)
-    add_history(p)
-    p.add_argument(
-        "--window",
-        type=duration,
-        default=defaults.window_seconds,
-        metavar="D",
-        help=f"how far back the history counts, e.g. 8d, 36h, 90m, 300s (default: "
-        f"{spell_duration(defaults.window_seconds)})",
+    source = p.add_mutually_exclusive_group()
+    add_history(source)
+    source.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="read the history from this Prometheus server (http://HOST:9090) instead of a history file",
     )
-    p.add_argument(
-        "--min-history",
-        type=duration,
-        default=defaults.min_history_seconds,
-        metavar="D",
-        help="usable history needed before advising at all (default: "
-        f"{spell_duration(defaults.min_history_seconds)})",
-    )
+    add_policy(p)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Set, TextIO, Tuple, cast
 
+from virt_balloon_stats.advice import Policy
 from virt_balloon_stats.client import DEFAULT_TIMEOUT, BalloonStats
 from virt_balloon_stats.errors import BalloonStatsError
 from virt_balloon_stats.host import Guest, default_uri
@@ -38,6 +40,10 @@ __all__ = [
     "add_common",
     "add_domains",
     "add_history",
+    "add_policy",
+    "policy_of",
+    "duration",
+    "spell_duration",
     "HISTORY_PATH",
     "add_source",
     "add_grace",
@@ -293,9 +299,85 @@ def add_domains(
 HISTORY_PATH = "/var/lib/virt-balloon-stats/history.sqlite"
 
 
-def add_history(parser: argparse.ArgumentParser) -> None:
-    """``--history PATH``: the history file ``record`` writes and ``advise`` reads."""
-    parser.add_argument("--history", metavar="PATH", help=f"the history file (default: {HISTORY_PATH})")
+def add_history(parser: "argparse._ActionsContainer", *, optional: bool = False) -> None:
+    """``--history PATH``: the history file ``record`` writes and ``advise`` reads.
+
+    With ``optional`` (the exporter), keeping history is asked for by
+    ``--history`` alone, with the file optional.
+    """
+    if optional:
+        parser.add_argument(
+            "--history",
+            nargs="?",
+            const=HISTORY_PATH,
+            metavar="PATH",
+            help="keep each domain's history in this file, as 'record' does, and serve reclaim advice "
+            f"from it (default: no history; {HISTORY_PATH} when PATH is left out)",
+        )
+    else:
+        parser.add_argument("--history", metavar="PATH", help=f"the history file (default: {HISTORY_PATH})")
+
+
+#: Seconds per unit of a duration.
+_UNITS: Dict[str, int] = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def duration(text: str) -> float:
+    """``8d``, ``36h``, ``90m``, ``300s`` or plain seconds (``1.5h`` too) -> seconds, more than 0.
+
+    :raise argparse.ArgumentTypeError: For anything else, 0, or a length past a float's range.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([dhms]?)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text[:40]!r}; give a number with d, h, m or s (8d, 36h, 90m, 300s) or seconds"
+        )
+    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"a duration must be more than 0 and finite, not {text[:40]!r}")
+    return seconds
+
+
+def spell_duration(seconds: float) -> str:
+    """Seconds in the largest unit that divides them: ``691200`` -> ``8d``; what :func:`duration` reads."""
+    for unit, size in _UNITS.items():
+        if seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def add_policy(parser: argparse.ArgumentParser) -> None:
+    """``--window`` and ``--min-history``: the advice's knobs a user sets (``advise``, ``exporter``)."""
+    defaults = Policy()
+    parser.add_argument(
+        "--window",
+        type=duration,
+        default=defaults.window_seconds,
+        metavar="D",
+        help=f"how far back the history counts, e.g. 8d, 36h, 90m, 300s (default: "
+        f"{spell_duration(defaults.window_seconds)})",
+    )
+    parser.add_argument(
+        "--min-history",
+        type=duration,
+        default=defaults.min_history_seconds,
+        metavar="D",
+        help="usable history needed before advising at all (default: "
+        f"{spell_duration(defaults.min_history_seconds)})",
+    )
+
+
+def policy_of(args: argparse.Namespace) -> Policy:
+    """The advice policy of :func:`add_policy`'s options.
+
+    :raise UsageError: When no domain could ever have enough history.
+    """
+    if args.min_history > args.window:
+        raise UsageError(
+            f"--min-history {spell_duration(args.min_history)} is longer than --window "
+            f"{spell_duration(args.window)}: no domain could ever have enough history"
+        )
+    return Policy(window_seconds=args.window, min_history_seconds=args.min_history)
 
 
 def add_source(parser: argparse.ArgumentParser, default: str = "both") -> None:

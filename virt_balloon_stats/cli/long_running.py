@@ -26,20 +26,30 @@ from virt_balloon_stats.cli.common import (
     add_domains,
     add_grace,
     add_history,
+    add_policy,
     add_source,
     add_timeout,
+    duration,
+    policy_of,
     positive,
+    spell_duration,
 )
 from virt_balloon_stats.errors import BalloonStatsError
 
 if TYPE_CHECKING:
     from virt_balloon_stats.collector import Collector, Cycle
+    from virt_balloon_stats.exporter import Exporter
 
 __all__ = ["add_parsers", "cmd_watch", "cmd_stream", "cmd_record", "cmd_exporter"]
 
 #: The exporter's default port (kept in step with ``exporter.DEFAULT_PORT``,
 #: which needs prometheus_client to import).
 _EXPORTER_PORT = 9474
+
+#: The exporter's default refresh of its advice (kept in step with
+#: ``keeper.DEFAULT_ADVISE_EVERY_SECONDS``, which a unit test checks: the
+#: parser does not import the advice for a help text).
+_ADVISE_EVERY = 300.0
 
 
 def cmd_watch(run: Run) -> int:
@@ -152,10 +162,11 @@ def cmd_record(run: Run) -> int:
 
 
 def cmd_exporter(run: Run) -> int:
-    """Serve Prometheus metrics from a background collector until SIGTERM or Ctrl-C."""
-    import logging
-    import signal
+    """Serve Prometheus metrics from a background collector until SIGTERM or Ctrl-C.
 
+    With ``--history``, it also records every cycle in the history file and
+    serves the advice made from it (:mod:`~virt_balloon_stats.keeper`).
+    """
     from virt_balloon_stats import exporter as exporter_mod  # needs the 'exporter' extra
 
     args = run.args
@@ -172,8 +183,28 @@ def cmd_exporter(run: Run) -> int:
         tls_key=args.tls_key,
         basic_auth_file=args.basic_auth_file,
     )
+    policy = policy_of(args)  # a usage error before anything starts
     collector = run.collector(events=True, timeout=args.timeout or args.interval, log_changes=True)
-    exporter = exporter_mod.Exporter(collector, config)
+    with contextlib.ExitStack() as keeping:
+        keeper = None
+        if args.history:
+            from virt_balloon_stats.history import History
+            from virt_balloon_stats.keeper import HistoryKeeper
+
+            history = keeping.enter_context(History.open(args.history, writer=True))
+            keeper = HistoryKeeper(collector, history, args.interval, policy, advise_every=args.advise_every)
+        exporter = exporter_mod.Exporter(
+            collector, config, on_cycle=keeper.on_cycle if keeper else None, extra=[keeper] if keeper else []
+        )
+        _serve(exporter)
+    return EXIT_OK
+
+
+def _serve(exporter: "Exporter") -> None:
+    """Serve until SIGTERM or Ctrl-C; SIGHUP reloads the TLS files and the users."""
+    import logging
+    import signal
+
     done = threading.Event()
 
     log = logging.getLogger("virt_balloon_stats.cli")  # the command line's: the name its lines carry in logs
@@ -198,7 +229,6 @@ def cmd_exporter(run: Run) -> int:
         exporter.stop()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    return EXIT_OK
 
 
 def _add_cycles(parser: argparse.ArgumentParser) -> None:
@@ -279,12 +309,16 @@ def add_parsers(command: AddCommand) -> None:
         "Collect every --interval seconds in the background and serve the last cycle at /metrics; a "
         "scrape never waits on libvirt. Listens on loopback unless --listen says otherwise. Without "
         "DOMAIN, every running domain. SIGTERM stops it; SIGHUP re-reads the TLS certificate and "
-        "the basic-auth file.",
+        "the basic-auth file. With --history it also keeps each domain's history, as 'record' does, "
+        "and serves the reclaim advice 'advise' would give (virt_balloon_recommended_bytes, "
+        "virt_balloon_reclaimable_bytes, virt_balloon_advice_confidence), made again every "
+        "--advise-every.",
         examples=(
             "exporter",
             "exporter --listen [::1]:9474 --interval 30",
             "exporter --listen 0.0.0.0:9474 --tls-cert cert.pem --tls-key key.pem --basic-auth-file users",
             "exporter --hash-password < password.txt",
+            "exporter --history /srv/vbs/history.sqlite --advise-every 10m",
         ),
         formats=OWN_OUTPUT,
         long_running=True,
@@ -314,3 +348,13 @@ def add_parsers(command: AddCommand) -> None:
         action="store_true",
         help="read a password on stdin, print its hash for --basic-auth-file, and exit",
     )
+    add_history(p, optional=True)
+    p.add_argument(
+        "--advise-every",
+        type=duration,
+        default=_ADVISE_EVERY,
+        metavar="D",
+        help="with --history: how often the served advice is made again, e.g. 5m, 60s "
+        f"(default: {spell_duration(_ADVISE_EVERY)})",
+    )
+    add_policy(p)
