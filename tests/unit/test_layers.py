@@ -47,6 +47,7 @@ LAYERS: Tuple[Floor, ...] = (
         "reclaim advice from a domain's history",
         frozenset({"transport", "crosscheck", "advice"}),
     ),
+    Floor("acting on advice: each guest's next balloon step, from figures alone", frozenset({"stepping"})),
     Floor("QOM path resolution", frozenset({"qompath"})),
     Floor("one domain's figures at one moment", frozenset({"sample"})),
     Floor("one domain's reading as data: memo, its QEMU half, libvirt's side", frozenset({"reading"})),
