@@ -529,11 +529,16 @@ def test_advice_from_the_history_file_and_from_prometheus_agree(stack: Stack) ->
     assert hog["demand"] >= 100 * 2**20 > idle["demand"], (hog, idle)
     assert idle["reclaimable"] > 0, idle
 
-    served = {
-        series["metric"]["domain"]: float(series["value"][1])
-        for series in stack.query(f'virt_balloon_recommended_bytes{{instance="{stack.instance}"}}')
-    }
-    assert set(served) == set(names), served
+    # The exporter advises every 2 s and Prometheus scrapes every second: its advice may lag the command's.
+    served: Dict[str, float] = {}
+
+    def scraped() -> bool:
+        served.clear()
+        for series in stack.query(f'virt_balloon_recommended_bytes{{instance="{stack.instance}"}}'):
+            served[series["metric"]["domain"]] = float(series["value"][1])
+        return set(served) == set(names)
+
+    wait_for(scraped, timeout=30, what="Prometheus to scrape the exporter's advice for both guests")
     for name in names:
         assert served[name] == pytest.approx(both["history"][name]["recommended"], rel=0.05), (name, served)
     confidence = stack.query(f'virt_balloon_advice_confidence{{domain="{stack.hog}"}}')

@@ -169,7 +169,7 @@ def test_the_exporter_serves_the_advice_beside_the_figures(tmp_path):
                         on_cycle=h.keeper.on_cycle, extra=[h.keeper])
     exporter.start()
     try:
-        assert wait_until(lambda: h.keeper.recorder.points >= 2)
+        assert wait_until(lambda: len(h.keeper.advices) == len(NAMES))  # recorded, then advised
         conn = http.client.HTTPConnection(exporter.host, exporter.port, timeout=10)
         conn.request("GET", "/metrics")
         body = conn.getresponse().read().decode()
