@@ -114,10 +114,10 @@ _SCHEMA = (
     "CREATE TABLE downsampled (tier INTEGER PRIMARY KEY, until_ms INTEGER NOT NULL)",
 )
 
-_COLUMNS = (
-    "domain_id, start_ms, tier, seconds_ms, ok_ms, used_peak, actual,"
-    " swap_in, major_faults, oom_kills, alloc_stalls, direct_reclaims"
+_FIGURES = (
+    "seconds_ms, ok_ms, used_peak, actual, swap_in, major_faults, oom_kills, alloc_stalls, direct_reclaims"
 )
+_COLUMNS = f"domain_id, start_ms, tier, {_FIGURES}"
 
 #: A Point's fields in the order of its constructor; SQLite divides exactly as Python does.
 _AS_POINT = (
@@ -127,6 +127,13 @@ _AS_POINT = (
 
 # ``IN (SELECT id FROM domain)`` lets SQLite range-scan the key once per domain.
 _EVERY_DOMAIN = "domain_id IN (SELECT id FROM domain)"
+
+#: One domain's points in ``[since, until)``, oldest first, each handed to ``vbs_point``; returns their count.
+_READ_POINTS = (
+    f"SELECT count(vbs_point({_AS_POINT})) FROM (SELECT start_ms, {_FIGURES} FROM point"
+    " WHERE domain_id = (SELECT id FROM domain WHERE uuid = ?) AND start_ms >= ? AND start_ms < ?"
+    " ORDER BY start_ms)"
+)
 
 
 class RecordedDomain(NamedTuple):
@@ -372,14 +379,22 @@ class History:
         return [RecordedDomain(uuid, name) for uuid, name in rows]
 
     def points(self, uuid: str, since: float, until: float) -> List[Point]:
-        """One domain's points that start in ``[since, until)``, oldest first; none for an unknown UUID."""
+        """One domain's points that start in ``[since, until)``, oldest first; none for an unknown UUID.
+
+        ``advise --all`` reads 100 domains' 8 days, 743,000 rows, within its
+        2 s. Fetched as rows, that took 0.85 s: Python's sqlite3 (3.11) lets
+        go of the GIL around every column of every row, 7.4 million times.
+        Instead SQLite hands each row to a function of ours, one call per
+        row, which builds the point there, trusting the figures: they were
+        checked when recorded (see ``Point._collector``). The query returns
+        only their count. Reading 100 domains so takes 0.3 s in SQLite and
+        the calls, and 0.5 s building the points.
+        """
+        points: List[Point] = []
         with self._mutex, _sqlite_errors(self.path, "read"):
-            rows = self._db.execute(
-                f"SELECT {_AS_POINT} FROM point WHERE domain_id = (SELECT id FROM domain WHERE uuid = ?)"
-                " AND start_ms >= ? AND start_ms < ? ORDER BY start_ms",
-                (uuid, _ms(since), _ms(until)),
-            ).fetchall()
-        return [Point(*row) for row in rows]
+            self._db.create_function("vbs_point", 10, Point._collector(points))
+            self._db.execute(_READ_POINTS, (uuid, _ms(since), _ms(until))).fetchall()
+        return points
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -8,6 +8,10 @@ days. The unit tests
 call :func:`fill` with a scaled-down history (``tests/unit/test_history.py``,
 ``test_size_of_8_days_of_100_domains``).
 
+Besides reading, it times ``advise --all`` without libvirt: every domain's
+window read and advised, in turn. Filling takes some 12 minutes; ``--reuse
+PATH`` times the reads and the advice on a history kept by ``--keep PATH``.
+
 The synthetic guests use between 200 MiB and 4 GiB and hold 4 to 8 GiB: the
 figures take the bytes real ones take. About one interval in 50 is a gap;
 swap-in and major faults show now and then; the 6.12 counters mostly stay 0,
@@ -26,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from virt_balloon_stats.advice import Point
+from virt_balloon_stats.advice import Limits, Point, Policy, advise
 from virt_balloon_stats.history import RETENTION_SECONDS, History
 
 MiB = 2**20
+GiB = 2**30
 HOUR = 3600
 DAY = 24 * HOUR
 
@@ -63,7 +68,8 @@ def synthetic(rng: random.Random, start: float, seconds: float) -> Point:
     )
 
 
-def fill(path: str, domains: int, segments: Sequence[Tuple[int, int]] = FULL, end: int = END) -> int:
+def fill(path: str, domains: int, segments: Sequence[Tuple[int, int]] = FULL, end: int = END,
+         ids: Optional[Sequence[Tuple[str, str]]] = None) -> int:
     """Write a synthetic history through the real recording code; return the points recorded.
 
     :param segments: ``(seconds before end, interval)`` pairs, oldest first:
@@ -71,8 +77,13 @@ def fill(path: str, domains: int, segments: Sequence[Tuple[int, int]] = FULL, en
         interval, as a collector cycle does, until the next segment or ``end``.
         A coarse interval for what will be downsampled anyway gives the same
         file as 5 s, faster.
+    :param ids: ``(uuid, name)`` of each domain, for real ones (the bench's);
+        else :func:`uuid_of` and a synthetic name.
     """
-    rngs = [random.Random(domain) for domain in range(domains)]
+    names = list(ids) if ids is not None else [
+        (uuid_of(domain), f"vbs-synthetic-{domain:03d}") for domain in range(domains)
+    ]
+    rngs = [random.Random(domain) for domain in range(len(names))]
     now = [float(end - segments[0][0])]
     recorded = 0
     with History.open(path, writer=True, clock=lambda: now[0]) as history:
@@ -80,9 +91,8 @@ def fill(path: str, domains: int, segments: Sequence[Tuple[int, int]] = FULL, en
             until = end - segments[number + 1][0] if number + 1 < len(segments) else end
             for start in range(end - before, until, interval):
                 now[0] = start + interval
-                for domain, rng in enumerate(rngs):
-                    point = synthetic(rng, start, interval)
-                    history.record(uuid_of(domain), f"vbs-synthetic-{domain:03d}", point)
+                for (uuid, name), rng in zip(names, rngs):
+                    history.record(uuid, name, synthetic(rng, start, interval))
                     recorded += 1
     return recorded
 
@@ -92,27 +102,31 @@ def size_of(path: str) -> int:
     return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
 
 
-def measure(domains: int = 100, segments: Sequence[Tuple[int, int]] = FULL, path: Optional[str] = None
-            ) -> Dict[str, Any]:
-    """Fill a history at full scale and report its size, and how long reading it takes."""
-    with tempfile.TemporaryDirectory(prefix="vbs-history-") as folder:
-        path = path or os.path.join(folder, "history.sqlite")
+def examine(path: str) -> Dict[str, Any]:
+    """A full history's size, and how long reading it takes: one domain's 8 days, every domain's, and advised.
+
+    The advice is ``advise --all``'s without libvirt, in its order: a
+    domain's window read, then advised, then the next domain. Every guest
+    is given the synthetic guests' largest size, 8 GiB, for its balloon and
+    ``<memory>``; the policy is the default one, ``now`` the history's end.
+    """
+    policy = Policy()
+    limits = Limits(actual=8 * GiB, maximum=8 * GiB, min_guarantee=None)
+    with History.open(path, writer=False) as history:
+        domains = len(history.domains())
         began = time.perf_counter()
-        recorded = fill(path, domains, segments)
-        fill_seconds = time.perf_counter() - began
-        with History.open(path, writer=False) as history:
-            began = time.perf_counter()
-            one = history.points(uuid_of(0), END - RETENTION_SECONDS, END)
-            one_seconds = time.perf_counter() - began
-            began = time.perf_counter()
-            rows = sum(len(history.points(d.uuid, END - RETENTION_SECONDS, END)) for d in history.domains())
-            all_seconds = time.perf_counter() - began
-        size = size_of(path)
+        one = history.points(uuid_of(0), END - RETENTION_SECONDS, END)
+        one_seconds = time.perf_counter() - began
+        began = time.perf_counter()
+        rows = sum(len(history.points(d.uuid, END - RETENTION_SECONDS, END)) for d in history.domains())
+        all_seconds = time.perf_counter() - began
+        began = time.perf_counter()
+        for domain in history.domains():
+            advise(history.points(domain.uuid, END - policy.window_seconds, END), limits, policy, END)
+        advise_seconds = time.perf_counter() - began
+    size = size_of(path)
     return {
         "domains": domains,
-        "segments": [list(s) for s in segments],
-        "recorded": recorded,
-        "record_us": round(fill_seconds / recorded * 1e6, 1),
         "rows": rows,
         "rows_per_domain": len(one),
         "bytes": size,
@@ -120,16 +134,40 @@ def measure(domains: int = 100, segments: Sequence[Tuple[int, int]] = FULL, path
         "bytes_per_domain_day": round(size / domains / (RETENTION_SECONDS / DAY)),
         "read_one_domain_seconds": round(one_seconds, 4),
         "read_all_domains_seconds": round(all_seconds, 3),
+        "advise_all_domains_seconds": round(advise_seconds, 3),
     }
+
+
+def measure(domains: int = 100, segments: Sequence[Tuple[int, int]] = FULL, path: Optional[str] = None
+            ) -> Dict[str, Any]:
+    """Fill a history at full scale and report its size, and how long reading it and advising from it take."""
+    with tempfile.TemporaryDirectory(prefix="vbs-history-") as folder:
+        path = path or os.path.join(folder, "history.sqlite")
+        began = time.perf_counter()
+        recorded = fill(path, domains, segments)
+        fill_seconds = time.perf_counter() - began
+        return {
+            "domains": domains,
+            "segments": [list(s) for s in segments],
+            "recorded": recorded,
+            "record_us": round(fill_seconds / recorded * 1e6, 1),
+            **examine(path),
+        }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--domains", type=int, default=100, help="N: domains (100)")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON to PATH")
-    parser.add_argument("--keep", metavar="PATH", help="write the history there, and keep it")
+    history = parser.add_mutually_exclusive_group()
+    history.add_argument("--keep", metavar="PATH", help="write the history there, and keep it")
+    history.add_argument("--reuse", metavar="PATH",
+                         help="fill nothing: measure the history --keep PATH kept (--domains does not apply)")
     args = parser.parse_args(argv)
-    report = measure(args.domains, path=args.keep)
+    if args.reuse:
+        report = {"reused": args.reuse, **examine(args.reuse)}
+    else:
+        report = measure(args.domains, path=args.keep)
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

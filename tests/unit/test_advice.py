@@ -15,12 +15,14 @@ percentile, half-life, aggregation interval and last-hour rule.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
-from typing import Any, List, Optional
+import random
+from typing import Any, List, Optional, Sequence
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.conftest import counted
@@ -30,6 +32,9 @@ from virt_balloon_stats.advice import (
     Limits,
     Point,
     Policy,
+    _needed,
+    _pressure,
+    _scan,
     advise,
     deltas,
     host_total,
@@ -380,6 +385,19 @@ def test_confidence_is_decayed_coverage_times_completeness():
     assert advise(old, ROOMY, DEFAULT, NOW).confidence == pytest.approx(coverage(1) / 64)
 
 
+def test_a_history_that_ended_long_ago_still_weighs_its_youngest_day_most():
+    """With a half-life of a minute, weights counted from now would all underflow (2^-1440 a day later).
+
+    Then every interval would weigh 0 and p95 would pick the lowest peak;
+    counted from the end of the history, its last day weighs the most.
+    """
+    policy = Policy(half_life_seconds=60.0, min_history_seconds=HOUR)
+    history = stretch(3 * DAY, 2 * DAY, GiB) + stretch(2 * DAY, DAY, 2 * GiB)
+    advice = advise(history, ROOMY, policy, NOW)
+    assert advice.demand == 2 * GiB
+    assert advice.confidence == 0.0, "a day without history is 1440 half-lives"
+
+
 # -- values, helpers, validation -------------------------------------------------------------
 
 
@@ -604,6 +622,111 @@ def test_merge_is_associative(history, data):
         a, b, c = groups
         a_b_then_c = merge([merge([merge(a), merge(b)]), merge(c)])
         assert a_b_then_c == merge([merge(a), merge([merge(b), merge(c)])])
+
+
+def plain_scan(points: Sequence[Point], policy: Policy, now: float, reference: float) -> Any:
+    """What ``_scan`` gathers, the plain way: one point at a time, defaultdicts, ``max()``, ``min()``.
+
+    The weight of a stretch is the one ``_scan`` documents, from ``reference``.
+    """
+    window_start, recent_start = now - policy.window_seconds, now - policy.recent_seconds
+    size, rate = policy.aggregation_seconds, math.log(2) / policy.half_life_seconds
+    peaks: Any = collections.defaultdict(int)
+    needs: Any = collections.defaultdict(int)
+    weights: Any = collections.defaultdict(float)
+    events: Any = collections.Counter()
+    pressure_events, usable, covered, recent_peak = 0, 0.0, 0.0, 0
+    inside = [p for p in points if p.start < now and p.end > window_start]
+    youngest = min(now, max((p.end for p in inside if p.used_peak is not None), default=now))
+    for point in inside:
+        low, high = max(point.start, window_start), min(point.end, now)
+        covered += high - low
+        kinds = _pressure(point, policy)
+        needed = _needed(point, kinds, policy) if kinds else None
+        pressure_events += bool(kinds)
+        events.update(kinds)
+        used = point.used_peak
+        ok_fraction = point.ok_seconds / point.seconds
+        if used is not None:
+            usable += ok_fraction * (high - low)
+            if high > recent_start:
+                recent_peak = max(recent_peak, used)
+        elif needed is None:
+            continue
+        number = (now - high) // size
+        while high > low:
+            part_low = max(low, now - (number + 1) * size)
+            if part_low < high:
+                if used is not None:
+                    peaks[number] = max(peaks[number], used)
+                    weights[number] += ok_fraction * (
+                        math.exp(-rate * (reference - high)) * -math.expm1(-rate * (high - part_low)))
+                if needed is not None:
+                    needs[number] = max(needs[number], needed)
+                high = part_low
+            number += 1
+    return (covered, usable, youngest, reference, recent_peak, pressure_events, events, peaks, needs, weights)
+
+
+@st.composite
+def scattered(draw: Any, count: int = 40) -> List[Point]:
+    """Points in any order over the last 3 days and past NOW, 5 s to 2 days long, apart or overlapping.
+
+    Half have no counter's increase; the others one, near the thresholds
+    :data:`burst_policies` give or far above them.
+    """
+    out: List[Point] = []
+    for _ in range(draw(st.integers(8, count))):
+        seconds = draw(st.sampled_from([5.0, 60.0, STEP, HOUR, 4 * HOUR, DAY, 2 * DAY]))
+        ok = draw(st.sampled_from([0.0, 0.25, 1.0]))
+        counters = dict.fromkeys(COUNTERS, 0)
+        if draw(st.booleans()):
+            field = draw(st.sampled_from(sorted(COUNTERS)))
+            counters[field] = draw(st.one_of(st.sampled_from(NEAR_THRESHOLDS), st.integers(1, 2**40)))
+        out.append(Point(NOW - draw(st.integers(-2 * 3600, 3 * 86400)), seconds, ok * seconds,
+                         draw(st.integers(0, 2 * GiB)) if ok else None,
+                         draw(st.one_of(st.none(), st.integers(0, MAXIMUM))), **counters))
+    return out
+
+
+#: Burst rates, per second, for :data:`burst_policies`.
+BURST_RATES = (0.5, 1.0, 256.0)
+
+#: Counters at the burst thresholds those rates give over the lengths :func:`scattered` draws, and beside.
+NEAR_THRESHOLDS = sorted({max(1, math.ceil(rate * seconds) + d) for rate in BURST_RATES
+                          for seconds in (5.0, 60.0, STEP, 900.0) for d in (-1, 0, 1)})
+
+#: Policies whose burst thresholds differ from one point to the next (bursts over up to 4 h).
+burst_policies = st.builds(
+    lambda policy, burst, swap_in, faults: dataclasses.replace(
+        policy, burst_seconds=burst, swap_in_burst_bytes_per_second=swap_in,
+        major_fault_burst_per_second=faults),
+    policies, st.sampled_from([60.0, 900.0, 4 * HOUR]), st.sampled_from(BURST_RATES),
+    st.sampled_from(BURST_RATES),
+)
+
+
+@settings(max_examples=300)
+@given(st.one_of(scattered(), points()), burst_policies, st.randoms(use_true_random=False),
+       st.sampled_from([0.0, 1800.0, 5 * HOUR]), st.sampled_from([0.0, 3 * HOUR]))
+@example(  # bursts just at the shortest point's thresholds (1 MiB/s, 256 faults/s over 5 s)
+    history=[Point(NOW - HOUR, 5.0, 5.0, GiB, None, swap_in=5 * MiB),
+             Point(NOW - 2 * HOUR, STEP, STEP, GiB, None),
+             Point(NOW - 3 * HOUR, 5.0, 5.0, GiB, None, major_faults=1280)],
+    policy=DEFAULT, shuffler=random.Random(0), cut=0.0, older=0.0,
+)
+@counted
+def test_one_pass_gathers_what_the_plain_loop_does(history, policy, shuffler, cut, older):
+    """``_scan``'s locals, spelled-out ``max()`` and skipped pressure checks change no figure.
+
+    Points come in any order, some twice, some past ``now``, some across
+    the window's start and the intervals' boundaries; the weights match to
+    the last bit, since each interval's are added up in the same order.
+    """
+    shuffled = history + shuffler.sample(history, len(history) // 4)
+    shuffler.shuffle(shuffled)
+    now = NOW - cut
+    assert tuple(_scan(shuffled, policy, now, now - older)) == plain_scan(shuffled, policy, now, now - older)
 
 
 #: Readings as GuestStats.values holds them: any of the table's stats, a uint64 figure or unsupported.

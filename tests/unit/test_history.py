@@ -10,6 +10,7 @@ hanging, not to measure speed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -143,6 +144,28 @@ def test_points_come_back_as_recorded_gaps_included(path: str):
         assert reader.domains() == [
             RecordedDomain(UUID, "vbs-a-renamed"), RecordedDomain("other-uuid", "vbs-b")
         ]
+
+
+def test_points_read_back_are_the_points_the_constructor_makes(path: str):
+    """The reader builds points unchecked (they were checked when recorded): the same fields, the same points.
+
+    Oldest first, even from a scan SQLite runs backwards, as it may: the
+    order SQLite hands rows to an aggregate is its own, unless asked.
+    """
+    recorded = series(T0, 5.0, 30)
+    with History.open(path, writer=True, clock=Clock(T0)) as history:
+        for point in reversed(recorded):
+            history.record(UUID, "vbs-a", point)
+    with History.open(path, writer=False) as reader:
+        reader._db.execute("PRAGMA reverse_unordered_selects = ON")
+        read = reader.points(UUID, 0, T0 + 200)
+    assert read == recorded
+    for back, point in zip(read, recorded):
+        assert type(back) is Point
+        assert vars(back) == vars(point) and hash(back) == hash(point) and repr(back) == repr(point)
+        assert list(vars(back)) == [field.name for field in dataclasses.fields(Point)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        read[0].start = 0.0  # type: ignore[misc]
 
 
 def test_the_file_is_wal_with_its_schema_version(path: str, writer: History):
