@@ -2,20 +2,21 @@
 
 The exporter keeps history when asked (``exporter --history``): every cycle
 goes to the history file through a :class:`~virt_balloon_stats.recorder.Recorder`,
-as ``record`` writes it, and every few minutes the domains of the last cycle
-are advised from that file, as ``advise`` would advise them, and the
-answers are served beside the figures
+as ``record`` writes it, and every hour (``--advise-every``) the domains of
+the last cycle are advised from that file, as ``advise`` would advise them,
+and the answers are served beside the figures
 (:func:`~virt_balloon_stats.advising.advice_families`).
 
-Why every few minutes, not every cycle: advice moves with daily peaks, and
-judging a domain reads its whole window (up to 7,400 points a domain), which
-would cost more CPU than the collecting it rides on; recording a point costs
-about 50 µs a domain, so keeping history stays within 10 % of the exporter's
-CPU (``tox -e bench``, B13). Both run in the collector's thread, between
-cycles, so the history has one writer thread and the advice one reader of
-the domains the collector already holds (:meth:`Collector.guest
-<virt_balloon_stats.collector.Collector.guest>`: no lookup, one ``XMLDesc``
-each); a scrape only reads the last answers.
+Why every hour, not every cycle: advice moves with daily peaks, and judging
+a domain reads its whole window (up to 7,400 points), some 13 ms of CPU a
+domain with 8 days of history (``tox -e bench``, B14), where a cycle
+costs the exporter about 0.6 ms a domain (B6). Collecting every 15 s, a
+refresh every 5 minutes would double the exporter's CPU; every hour adds
+about 9 %, as much as recording each cycle (B13). ``advise`` gives the advice of the moment. Both run in the
+collector's thread, between cycles, so the history has one writer thread
+and the advice reads the domains the collector already holds
+(:meth:`Collector.guest <virt_balloon_stats.collector.Collector.guest>`: no
+lookup, one ``XMLDesc`` each); a scrape only reads the last answers.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = ["DEFAULT_ADVISE_EVERY_SECONDS", "HistoryKeeper"]
 LOG = logging.getLogger(__name__)
 
 #: How often the served advice is made again (the README says why).
-DEFAULT_ADVISE_EVERY_SECONDS = 300.0
+DEFAULT_ADVISE_EVERY_SECONDS = 3600.0
 
 
 class HistoryKeeper:

@@ -49,7 +49,7 @@ _EXPORTER_PORT = 9474
 #: The exporter's default refresh of its advice (kept in step with
 #: ``keeper.DEFAULT_ADVISE_EVERY_SECONDS``, which a unit test checks: the
 #: parser does not import the advice for a help text).
-_ADVISE_EVERY = 300.0
+_ADVISE_EVERY = 3600.0
 
 
 def cmd_watch(run: Run) -> int:
