@@ -32,13 +32,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from virt_balloon_stats.advice import COUNTERS, MiB, Policy
 from virt_balloon_stats.errors import InvalidArgument
 
 __all__ = [
-    "Action", "StepPolicy", "Guest", "Step", "Memory", "Decision", "decide", "plan",
+    "Action", "StepPolicy", "Guest", "Step", "Memory", "Decision", "floor_of", "decide", "plan",
+    "memory_to_dict", "memory_from_dict",
 ]
 
 
@@ -364,3 +365,68 @@ def _cut(decision: Decision, guest: Guest, memory: Memory, left: int) -> Decisio
         decision, target=target, memory=dataclasses.replace(decision.memory, last=last),
         reason=f"{decision.reason}; cut to {_mib(whole)} by --max-total",
     )
+
+
+def memory_to_dict(memory: Memory) -> Dict[str, Any]:
+    """A guest's memory as JSON-ready data, to keep between runs (the history file holds it)."""
+    return {
+        "last": None if memory.last is None else {
+            "at": memory.last.at, "action": memory.last.action.value, "before": memory.last.before,
+            "target": memory.last.target, "counters": dict(memory.last.counters),
+        },
+        "settled": memory.settled,
+        "raised_floor": None if memory.raised_floor is None else list(memory.raised_floor),
+        "hold_until": memory.hold_until,
+        "turned_at": memory.turned_at,
+    }
+
+
+def memory_from_dict(data: Any) -> Memory:
+    """The memory :func:`memory_to_dict` made, read back; anything else is refused.
+
+    A restarted ``balloon`` resumes from it, so a damaged record must not be
+    half understood: it would undo or repeat a step.
+
+    :raise InvalidArgument: When ``data`` is not such a record.
+    """
+    try:
+        last = data["last"]
+        step = None if last is None else Step(
+            at=_time(last["at"]), action=Action(last["action"]), before=_size(last["before"]),
+            target=_size(last["target"]),
+            counters={str(k): (None if v is None else _size(v)) for k, v in last["counters"].items()},
+        )
+        raised = data["raised_floor"]
+        memory = Memory(
+            last=step,
+            settled=_flag(data["settled"]),
+            raised_floor=None if raised is None else _pair(raised),
+            hold_until=_time(data["hold_until"]),
+            turned_at=None if data["turned_at"] is None else _time(data["turned_at"]),
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise InvalidArgument(f"not a balloon step record: {data!r:.200}") from err
+    return memory
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"not a size in bytes: {value!r}")
+    return value
+
+
+def _pair(value: Any) -> Tuple[int, float]:
+    size, at = value  # exactly two, or ValueError
+    return _size(size), _time(at)
+
+
+def _time(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"not a time: {value!r}")
+    return float(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"not true or false: {value!r}")
+    return value

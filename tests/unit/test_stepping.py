@@ -8,6 +8,7 @@ the last target; the counters and available memory are synthetic feedback.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import List, Optional
 
 import pytest
@@ -16,7 +17,18 @@ from hypothesis import strategies as st
 
 from virt_balloon_stats.advice import Policy
 from virt_balloon_stats.errors import InvalidArgument
-from virt_balloon_stats.stepping import Action, Decision, Guest, Memory, StepPolicy, decide, floor_of, plan
+from virt_balloon_stats.stepping import (
+    Action,
+    Decision,
+    Guest,
+    Memory,
+    StepPolicy,
+    decide,
+    floor_of,
+    memory_from_dict,
+    memory_to_dict,
+    plan,
+)
 
 MiB = 2**20
 GiB = 1024 * MiB
@@ -269,3 +281,41 @@ def test_a_step_stays_within_its_bounds(actual, ceiling, recommended, confidence
     else:
         assert d.action is Action.GROW and actual < d.target <= ceiling
     assert d.size == d.target - actual
+
+
+# -- the memory kept between runs ---------------------------------------------------------------------
+
+
+def test_memory_round_trips_through_json():
+    g = guest(counters={**QUIET, "stat-oom-kills": None})
+    shrink = decide(g, Memory(), POLICY, NOW)
+    back = decide(follow(g, shrink, counters={**QUIET, "stat-oom-kills": None, "stat-swap-in": 99 * MiB}),
+                  shrink.memory, POLICY, NOW + 10)
+    for memory in (Memory(), shrink.memory, back.memory):
+        assert memory_from_dict(json.loads(json.dumps(memory_to_dict(memory)))) == memory
+    assert back.memory.raised_floor is not None and back.memory.last is not None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d.pop("settled"),
+        lambda d: d.update(settled="yes"),
+        lambda d: d.update(hold_until=float("nan")),
+        lambda d: d.update(raised_floor=[1, 2, 3]),
+        lambda d: d.update(raised_floor=[-1, 2.0]),
+        lambda d: d["last"].update(action="explode"),
+        lambda d: d["last"].update(target=True),
+        lambda d: d["last"].update(counters=[1]),
+        lambda d: d.update(last="x"),
+    ],
+)
+def test_a_damaged_record_is_refused_not_half_read(damage):
+    g = guest()
+    shrink = decide(g, Memory(), POLICY, NOW)
+    back = decide(follow(g, shrink, counters={**QUIET, "stat-oom-kills": 1}), shrink.memory, POLICY, NOW + 10)
+    data = memory_to_dict(back.memory)
+    damage(data)
+    with pytest.raises(InvalidArgument) as caught:
+        memory_from_dict(data)
+    assert str(caught.value).startswith("not a balloon step record: ")
