@@ -268,6 +268,25 @@ class Guest:
             raise LibvirtFailure(f"memoryStats() gave a figure that is not an integer: {stats!r:.200}")
         return {str(k): int(v) for k, v in stats.items()}
 
+    def set_memory(self, size: int) -> None:
+        """Ask the balloon for ``size`` bytes (``setMemoryFlags`` on the live domain, in whole KiB).
+
+        Only the running domain changes: a restart gives the guest its
+        defined size back, which is the safe way for a step to be undone.
+        libvirt returns once QEMU took the request; the guest's driver then
+        inflates or deflates, and ``actual`` follows within seconds.
+        """
+        if size <= 0:
+            raise InvalidArgument(f"a balloon size must be more than 0 bytes, not {size!r}")
+        with self._call("setMemoryFlags"):
+            self.domain.setMemoryFlags(size // 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def job_active(self) -> bool:
+        """Whether a job (a migration, a save, a dump) runs on the domain (``jobInfo``)."""
+        with self._call("jobInfo"):
+            info = self.domain.jobInfo()
+        return bool(info) and info[0] != libvirt.VIR_DOMAIN_JOB_NONE
+
     def set_memory_stats_period(self, seconds: int, *, live: bool, config: bool) -> None:
         """Call ``setMemoryStatsPeriod`` on the live and/or persistent definition."""
         flags = 0
