@@ -61,7 +61,7 @@ __all__ = [
 DEFAULT_PATH = "/var/lib/virt-balloon-stats/history.sqlite"
 
 #: ``PRAGMA user_version`` of the files this version writes; it refuses any newer.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _HOUR = 3600
 _DAY = 24 * _HOUR
@@ -113,6 +113,14 @@ _SCHEMA = (
     # Per tier, where the last pass stopped: the next one starts there.
     "CREATE TABLE downsampled (tier INTEGER PRIMARY KEY, until_ms INTEGER NOT NULL)",
 )
+
+#: What each schema version adds to the one before: a writer or a stepper
+#: brings an older file up to date, in the transaction that checks its version.
+_MIGRATIONS: Dict[int, Tuple[str, ...]] = {
+    # 2: what the balloon stepper remembers of each guest (stepping.memory_to_dict, as JSON).
+    2: ("CREATE TABLE step (domain_id INTEGER PRIMARY KEY, state TEXT NOT NULL,"
+        " updated_ms INTEGER NOT NULL)",),
+}
 
 _FIGURES = (
     "seconds_ms, ok_ms, used_peak, actual, swap_in, major_faults, oom_kills, alloc_stalls, direct_reclaims"
@@ -220,13 +228,13 @@ def _own_command_line() -> str:
         return "unknown"
 
 
-def _lock(path: str) -> int:
-    """Take the writer's lock, or say who holds it; return the lock file's descriptor."""
-    lock_path = path + ".lock"
+def _lock(path: str, suffix: str = ".lock", does: str = "writes this history", role: str = "writer") -> int:
+    """Take the writer's lock (or the stepper's), or say who holds it; return the lock file's descriptor."""
+    lock_path = path + suffix
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError as err:
-        raise HistoryError(f"{lock_path}: cannot open the writer's lock: {err.strerror}", path=path) from err
+        raise HistoryError(f"{lock_path}: cannot open the {role}'s lock: {err.strerror}", path=path) from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -239,7 +247,7 @@ def _lock(path: str) -> int:
         pid = int(pid_line) if pid_line.isdigit() else None
         who = f"pid {pid} ({command.strip()[:200] or 'command unknown'})" if pid else "a process"
         raise HistoryError(
-            f"{path}: {who} already writes this history (lock {lock_path}); only one writer at a time: "
+            f"{path}: {who} already {does} (lock {lock_path}); only one {role} at a time: "
             "stop it, or give this one another --history file",
             path=path,
             holder_pid=pid,
@@ -266,6 +274,7 @@ class History:
         self._mutex = threading.Lock()
         self._ids: Dict[str, Tuple[int, str]] = {}
         self._last_pass: Optional[float] = None
+        self._step_fd: Optional[int] = None
 
     @classmethod
     def open(
@@ -273,6 +282,7 @@ class History:
         path: str = DEFAULT_PATH,
         *,
         writer: bool,
+        stepper: bool = False,
         retention: float = RETENTION_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> History:
@@ -280,6 +290,10 @@ class History:
 
         :param writer: One process at a time may write; readers (``advise``)
             open the file read-only and neither wait for the writer nor hold it up.
+        :param stepper: Open it to keep the balloon steps' memory as well
+            (:meth:`save_step`): one stepper at a time, holding ``PATH.balloon.lock``,
+            beside the writer if there is one (SQLite orders their short
+            transactions); a stepper that is not the writer records no points.
         :param retention: Seconds of history the writer keeps.
         :param clock: The writer's "now", for downsampling and retention (tests pass their own).
         :raise HistoryError: When the file is not a history (nothing is
@@ -291,7 +305,7 @@ class History:
         if not retention > 0:
             raise InvalidArgument(f"the history's retention must be over 0 s, not {retention!r}")
         _refuse_foreign(path)
-        lock_fd = None
+        lock_fd = step_fd = None
         if writer:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o750, exist_ok=True)
@@ -303,14 +317,19 @@ class History:
                 f"{path}: no history here yet: 'record' writes it (see --history)", path=path
             )
         try:
+            if stepper:
+                step_fd = _lock(path, ".balloon.lock", "steps this history's guests", "stepper")
             if writer:
                 _create(path)
-            db = cls._connect(path, writer)
+            db = cls._connect(path, writer or stepper)
         except BaseException:
-            if lock_fd is not None:
-                os.close(lock_fd)
+            for fd in (lock_fd, step_fd):
+                if fd is not None:
+                    os.close(fd)
             raise
-        return cls(db, path, lock_fd=lock_fd, retention=retention, clock=clock)
+        history = cls(db, path, lock_fd=lock_fd, retention=retention, clock=clock)
+        history._step_fd = step_fd
+        return history
 
     @staticmethod
     def _connect(path: str, writer: bool) -> sqlite3.Connection:
@@ -360,10 +379,15 @@ class History:
         db.execute("PRAGMA journal_size_limit = 8388608")
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 for statement in _SCHEMA:
                     db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = 1
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[number]:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -395,6 +419,39 @@ class History:
             self._db.create_function("vbs_point", 10, Point._collector(points))
             self._db.execute(_READ_POINTS, (uuid, _ms(since), _ms(until))).fetchall()
         return points
+
+    def steps(self) -> Dict[str, str]:
+        """The balloon steps' memory of every guest that has one, by UUID (the stepper's JSON text).
+
+        None in a file of schema 1, which no stepper has opened yet.
+        """
+        with self._mutex, _sqlite_errors(self.path, "read"):
+            if not self._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'step'").fetchone()[0]:
+                return {}
+            rows = self._db.execute(
+                "SELECT domain.uuid, step.state FROM step JOIN domain ON domain.id = step.domain_id"
+            ).fetchall()
+        return {uuid: state for uuid, state in rows}
+
+    def save_step(self, uuid: str, state: str) -> bool:
+        """Keep one guest's step memory (JSON text), in a transaction of its own.
+
+        Only for a guest the history has points of: a guest without history
+        has no advice, so nothing to step. Returns whether it was kept.
+
+        :raise HistoryError: When the history was not opened as its stepper, or the write fails.
+        """
+        if self._step_fd is None:
+            raise HistoryError(f"{self.path}: not opened to step; only its stepper keeps steps",
+                               path=self.path)
+        with self._mutex:
+            with self._transaction():
+                cursor = self._db.execute(
+                    "INSERT OR REPLACE INTO step (domain_id, state, updated_ms)"
+                    " SELECT id, ?, ? FROM domain WHERE uuid = ?",
+                    (state, _ms(self._clock()), uuid),
+                )
+        return cursor.rowcount == 1
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -454,6 +511,7 @@ class History:
         self._db.execute(f"DELETE FROM point WHERE {_EVERY_DOMAIN} AND start_ms < ?",
                          (now_ms - self._retention_ms,))
         self._db.execute("DELETE FROM domain WHERE NOT EXISTS (SELECT 1 FROM point WHERE domain_id = id)")
+        self._db.execute("DELETE FROM step WHERE domain_id NOT IN (SELECT id FROM domain)")
 
     def _merge_tier(self, tier: int, spec: Tier, now_ms: int) -> None:
         """Merge the finer points that start before this tier's cutoff, by whole bucket.
@@ -502,9 +560,10 @@ class History:
         """Close the file and, for the writer, release the lock. Closing twice is harmless."""
         with self._mutex:
             self._db.close()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            for fd in (self._lock_fd, self._step_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._lock_fd = self._step_fd = None
 
     def __enter__(self) -> History:
         return self

@@ -27,6 +27,7 @@ import pytest
 from tests.bench.history_size import fill, size_of
 from virt_balloon_stats.advice import COUNTERS, Point
 from virt_balloon_stats.errors import BalloonStatsError, HistoryError, InvalidArgument
+from virt_balloon_stats import history as history_module
 from virt_balloon_stats.history import RETENTION_SECONDS, SCHEMA_VERSION, History, RecordedDomain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,7 +172,7 @@ def test_points_read_back_are_the_points_the_constructor_makes(path: str):
 def test_the_file_is_wal_with_its_schema_version(path: str, writer: History):
     writer.record(UUID, "vbs-a", fed(1, T0, 5.0))
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -464,3 +465,69 @@ def test_size_of_8_days_of_100_domains(tmp_path: Path):
     projected = size_of(empty) + 100 * per_domain
     print(f"history: {per_domain / 8:.0f} B per domain-day; 100 domains, 8 days: {projected / 1e6:.1f} MB")
     assert projected < 100e6
+
+
+# -- the balloon stepper's memory (schema 2) -------------------------------------------------------------
+
+
+def _schema_1(path: str) -> None:
+    """A file as schema 1 wrote it: its three tables, version 1, one domain with one point."""
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+        for statement in history_module._SCHEMA:
+            db.execute(statement)
+        db.execute("INSERT INTO domain (id, uuid, name) VALUES (1, ?, 'vbs-a')", (UUID,))
+        db.execute("INSERT INTO point VALUES (1, ?, 0, 5000, 5000, 100, 200, 0, 0, 0, 0, 0)",
+                   (int(T0 * 1000),))
+        db.execute("PRAGMA user_version = 1")
+
+
+def test_a_schema_1_file_is_read_as_it_is_and_brought_up_to_date_by_its_writer(path: str):
+    _schema_1(path)
+    with History.open(path, writer=False) as reader:
+        assert reader.steps() == {}, "no step table yet: no steps"
+        assert len(reader.points(UUID, 0, 2 * T0)) == 1
+    with History.open(path, writer=True, clock=Clock(T0)) as history:
+        assert history.steps() == {}
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("SELECT count(*) FROM step").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM point").fetchone()[0] == 1, "its points kept"
+
+
+def test_a_stepper_keeps_steps_beside_the_writer_and_readers_see_them(path: str, writer: History):
+    writer.record(UUID, "vbs-a", fed(1, T0, 5.0))
+    with History.open(path, writer=False, stepper=True, clock=Clock(T0)) as stepper:
+        assert stepper.save_step(UUID, '{"settled": true}')
+        assert not stepper.save_step("00000000-0000-4000-8000-000000000000", "{}"), "no history, no step"
+        with pytest.raises(HistoryError) as caught:
+            stepper.record(UUID, "vbs-a", fed(2, T0 + 5, 5.0))
+        assert "only its writer records" in str(caught.value)
+        writer.record(UUID, "vbs-a", fed(2, T0 + 5, 5.0))  # the writer goes on meanwhile
+    with History.open(path, writer=False) as reader:
+        assert reader.steps() == {UUID: '{"settled": true}'}
+        with pytest.raises(HistoryError) as caught:
+            reader.save_step(UUID, "{}")
+        assert "only its stepper keeps steps" in str(caught.value)
+
+
+def test_one_stepper_at_a_time_and_the_second_is_told_who(path: str, writer: History):
+    with History.open(path, writer=False, stepper=True):
+        with pytest.raises(HistoryError) as caught:
+            History.open(path, writer=False, stepper=True)
+    message = str(caught.value)
+    assert f"pid {os.getpid()} (" in message and "already steps this history's guests" in message
+    assert "only one stepper at a time" in message
+    with History.open(path, writer=False, stepper=True):
+        pass  # the lock went with its holder
+
+
+def test_a_guest_that_left_the_history_leaves_its_step_too(path: str):
+    clock = Clock(T0)
+    with History.open(path, writer=True, clock=clock, retention=3600) as history:
+        history.record(UUID, "vbs-a", fed(1, T0, 5.0))
+        with History.open(path, writer=False, stepper=True) as stepper:
+            assert stepper.save_step(UUID, "{}")
+        clock.now = T0 + 7200  # past retention: its points, its domain and its step go
+        history.record("00000000-0000-4000-8000-000000000001", "vbs-b", fed(2, T0 + 7200, 5.0))
+        assert history.steps() == {}
