@@ -289,6 +289,21 @@ class FakeDomain:
         with self._called("setMemoryStatsPeriod", period, flags):
             return 0
 
+    def jobInfo(self) -> List[int]:
+        """The recorded ``jobInfo()``: ``[0] * 12`` (no job) on every recorded domain."""
+        with self._called("jobInfo"):
+            return list(self.fixture["job_info"])
+
+    def setMemoryFlags(self, memory: int, flags: int = 0) -> int:
+        """Accepted, as libvirt accepts a size within ``<memory>`` (0): the call is recorded.
+
+        The balloon does not move here: a test that needs the guest to
+        follow changes the fixture's figures itself (the ``step`` recording
+        shows what libvirt reports once it has).
+        """
+        with self._called("setMemoryFlags", memory, flags):
+            return 0
+
 
 class DomainHandle(FakeDomain):
     """A :class:`FakeDomain` as looked up on another connection (:meth:`FakeConnect.another`).

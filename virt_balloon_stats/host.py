@@ -276,8 +276,8 @@ class Guest:
         libvirt returns once QEMU took the request; the guest's driver then
         inflates or deflates, and ``actual`` follows within seconds.
         """
-        if size <= 0:
-            raise InvalidArgument(f"a balloon size must be more than 0 bytes, not {size!r}")
+        if size < 1024:
+            raise InvalidArgument(f"a balloon size is at least 1 KiB, not {size!r} bytes")
         with self._call("setMemoryFlags"):
             self.domain.setMemoryFlags(size // 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 

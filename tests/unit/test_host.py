@@ -46,6 +46,8 @@ RECORDED_TRANSLATIONS = {
     "command-not-json": (LibvirtFailure, "qemuMonitorCommand failed"),
     "read-only-monitor-command": (OperationDenied, "--source libvirt"),
     "read-only-set-memory-stats-period": (OperationDenied, "read-write"),
+    "read-only-set-memory": (OperationDenied, "read-write"),
+    "set-memory-over-maximum": (LibvirtFailure, "setMemoryFlags failed"),
     "memory-stats-not-running": (DomainNotRunning, "start it"),
     "monitor-command-not-running": (DomainNotRunning, "start it"),
     "unknown-domain": (DomainNotFound, "virsh list --all"),
@@ -57,6 +59,8 @@ CALL_OF_CASE = {
     "command-not-json": "qemuMonitorCommand",
     "read-only-monitor-command": "qemuMonitorCommand",
     "read-only-set-memory-stats-period": "setMemoryStatsPeriod",
+    "read-only-set-memory": "setMemoryFlags",
+    "set-memory-over-maximum": "setMemoryFlags",
     "memory-stats-not-running": "memoryStats",
     "monitor-command-not-running": "qemuMonitorCommand",
     "unknown-domain": "lookupByName",
@@ -458,3 +462,60 @@ def test_a_held_event_loop_waits_until_every_hold_is_released(ticks):
         time.sleep(0.1)
         assert len(ticks) <= held + 1
     assert wait_until(lambda: len(ticks) > held + 5, within=5.0)
+
+
+# -- a balloon step, and the job check before it ---------------------------------------------------
+
+
+def test_set_memory_asks_libvirt_for_whole_kib_on_the_live_domain_only():
+    w = World([load("step")])
+    guest = w.host.lookup("vbs-tb-rec-step")
+    guest.set_memory(352 * 2**20 + 1000)
+    assert w.domain.calls_to("setMemoryFlags") == [(352 * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)]
+    assert guest.counter.snapshot().get("setMemoryFlags") == 1
+
+
+@pytest.mark.parametrize("size", [0, -1, 1023])
+def test_a_size_under_one_kib_is_refused_before_libvirt(size):
+    w = World([load("step")])
+    guest = w.host.lookup("vbs-tb-rec-step")
+    with pytest.raises(InvalidArgument):
+        guest.set_memory(size)
+    assert w.domain.calls_to("setMemoryFlags") == []
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_a_size_over_memory_is_libvirts_recorded_refusal(stack):
+    w = World([load("step", stack)], stack=stack)
+    w.domain.fail("setMemoryFlags", recorded_error("set-memory-over-maximum", stack))
+    with pytest.raises(LibvirtFailure) as caught:
+        w.host.lookup("vbs-tb-rec-step").set_memory(2**40)
+    assert caught.value.code == libvirt.VIR_ERR_INVALID_ARG
+    assert "cannot set memory higher than max memory" in str(caught.value)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_recorded_step_settled_where_libvirt_was_asked(stack):
+    """What the stepper relies on: the balloon size libvirt reports follows setMemoryFlags, within seconds."""
+    step = load("step", stack)["set_memory"]
+    assert step["returned"] == 0 and step["call_seconds"] < 1
+    assert step["before"]["memory_stats"]["actual"] - step["target_kib"] == 32 * 1024
+    assert step["after"]["memory_stats"]["actual"] == step["after"]["info"][2] == step["target_kib"]
+    assert f"<currentMemory unit='KiB'>{step['target_kib']}</currentMemory>" in step["after"]["xml_live"]
+    assert step["after"]["job_info"][0] == libvirt.VIR_DOMAIN_JOB_NONE
+
+
+@pytest.mark.parametrize("stack, name", [(s, n) for s in STACKS for n in ("step", "paused", "virtio")])
+def test_no_job_on_a_recorded_domain_running_or_paused(stack, name):
+    w = World([load(name, stack)], stack=stack)
+    guest = w.host.lookup(w.domain.name())
+    assert guest.job_active() is False
+    assert w.domain.calls_to("jobInfo") == [()]
+
+
+def test_a_job_of_any_type_is_active():
+    """Synthetic: the recorded domains had no job; a migration's type is VIR_DOMAIN_JOB_UNBOUNDED."""
+    fixture = dict(load("step"))
+    fixture["job_info"] = [libvirt.VIR_DOMAIN_JOB_UNBOUNDED] + [0] * 11
+    w = World([fixture])
+    assert w.host.lookup("vbs-tb-rec-step").job_active() is True
