@@ -61,6 +61,7 @@ EXPECTED_STATUS: Dict[str, str] = {
     "paused": "paused",
     "none": "no_balloon",
     "reset": "never_updated",
+    "step": "ok",  # as recorded before its step; the step and what followed are under "set_memory"
 }
 
 
