@@ -51,6 +51,7 @@ __all__ = [
     "Advice",
     "advise",
     "host_total",
+    "pressure_kinds",
 ]
 
 MiB = 2**20
@@ -323,7 +324,7 @@ _SWAP_IN, _MAJOR_FAULTS, _OOM, _STALL, _DIRECT = (
 _KINDS = (_SWAP_IN, _MAJOR_FAULTS, _OOM, _STALL, _DIRECT)
 
 
-def _pressure(point: Point, policy: Policy) -> List[str]:
+def pressure_kinds(point: Point, policy: Policy) -> List[str]:
     """The kinds of pressure one interval shows.
 
     Swap-in and major faults happen on healthy guests too (a daemon waking,
@@ -415,7 +416,7 @@ def _scan(points: Sequence[Point], policy: Policy, now: float, reference: float)
     decay = -_LN2 / policy.half_life_seconds
     exp, expm1 = math.exp, math.expm1
     # A burst's threshold grows with the point's length, so a point under the shortest point's
-    # thresholds, with none of the other counters, shows no pressure: _pressure() is not asked.
+    # thresholds, with none of the other counters, shows no pressure: pressure_kinds() is not asked.
     shortest = min(min(map(attrgetter("seconds"), points), default=1.0), policy.burst_seconds)
     swap_floor = policy.swap_in_burst_bytes_per_second * shortest
     fault_floor = policy.major_fault_burst_per_second * shortest
@@ -444,7 +445,7 @@ def _scan(points: Sequence[Point], policy: Policy, now: float, reference: float)
         needed = None
         if (point.swap_in >= swap_floor or point.major_faults >= fault_floor or point.oom_kills
                 or point.alloc_stalls or point.direct_reclaims):
-            kinds = _pressure(point, policy)
+            kinds = pressure_kinds(point, policy)
             if kinds:
                 pressure_events += 1
                 for kind in kinds:

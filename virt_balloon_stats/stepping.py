@@ -34,7 +34,7 @@ import enum
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from virt_balloon_stats.advice import COUNTERS, MiB, Policy
+from virt_balloon_stats.advice import MiB, Point, Policy, deltas, pressure_kinds
 from virt_balloon_stats.errors import InvalidArgument
 
 __all__ = [
@@ -204,23 +204,10 @@ def floor_of(memory: Memory, policy: StepPolicy, now: float) -> int:
 
 
 def _pressure(guest: Guest, step: Step, now: float, advice: Policy, policy: StepPolicy) -> List[str]:
-    """The signs of pressure since ``step``, each named as the advice names them."""
-    elapsed = max(1.0, now - step.at)
-    span = min(elapsed, advice.burst_seconds)
-    kinds = []
-
-    def grew(name: str) -> int:
-        before, after = step.counters.get(name), guest.counters.get(name)
-        return after - before if before is not None and after is not None and after >= before else 0
-
-    if grew(COUNTERS["swap_in"].qemu) >= advice.swap_in_burst_bytes_per_second * span:
-        kinds.append("swap-in burst")
-    if grew(COUNTERS["major_faults"].qemu) >= advice.major_fault_burst_per_second * span:
-        kinds.append("major-fault burst")
-    for field, kind in (("oom_kills", "OOM kill"), ("alloc_stalls", "allocation stall"),
-                        ("direct_reclaims", "direct reclaim")):
-        if grew(COUNTERS[field].qemu):
-            kinds.append(kind)
+    """The signs of pressure since ``step``: the advice's, over the counters' increases, and low available."""
+    since = Point(start=step.at, seconds=max(1.0, now - step.at), ok_seconds=0.0, used_peak=None, actual=None,
+                  **deltas(step.counters, guest.counters))
+    kinds = pressure_kinds(since, advice)
     low = policy.available_floor_fraction * (guest.total or 0)
     if guest.available is not None and guest.available < low:
         kinds.append(f"available {_mib(guest.available)} under {policy.available_floor_fraction * 100:g} %")

@@ -33,7 +33,7 @@ from virt_balloon_stats.advice import (
     Point,
     Policy,
     _needed,
-    _pressure,
+    pressure_kinds,
     _scan,
     advise,
     deltas,
@@ -641,7 +641,7 @@ def plain_scan(points: Sequence[Point], policy: Policy, now: float, reference: f
     for point in inside:
         low, high = max(point.start, window_start), min(point.end, now)
         covered += high - low
-        kinds = _pressure(point, policy)
+        kinds = pressure_kinds(point, policy)
         needed = _needed(point, kinds, policy) if kinds else None
         pressure_events += bool(kinds)
         events.update(kinds)
