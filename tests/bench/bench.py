@@ -192,11 +192,11 @@ def proc_peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def exporter_run(names: Sequence[str], seconds: float, interval: float, *extra: str) -> Dict[str, Any]:
-    """B6: the exporter over the domains, scraped every interval for ``seconds``; ``extra`` options."""
+def exporter_run(names: Sequence[str], seconds: float, interval: float) -> Dict[str, Any]:
+    """B6: the exporter over the domains, scraped every interval for ``seconds``."""
     port = free_port()
     proc = subprocess.Popen(
-        [CLI, "exporter", "--listen", f"127.0.0.1:{port}", "--interval", str(interval), *extra, *names],
+        [CLI, "exporter", "--listen", f"127.0.0.1:{port}", "--interval", str(interval), *names],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}/metrics"
