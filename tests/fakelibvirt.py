@@ -353,8 +353,11 @@ class FakeConnect:
         not_found: Mapping[str, Any],
         busy: Iterable[str] = (),
         rpc: Optional[RPCModel] = None,
+        node_memory_stats: Optional[Mapping[str, int]] = None,
     ) -> None:
         self.domains = list(domains)
+        #: What ``getMemoryStats`` answers (KiB), as recorded by the ``step`` scenario.
+        self.node_memory_stats = dict(node_memory_stats or {})
         self._not_found = not_found
         self._busy = set(busy)
         self.rpc = rpc
@@ -532,6 +535,12 @@ class FakeConnect:
                 if dom.ID() == dom_id and dom_id >= 0:
                     return self._answer("lookupByID", self._here(dom))
             raise self._missing("id", dom_id)
+
+    def getMemoryStats(  # noqa: N802 - libvirt's name
+        self, cellNum: int, flags: int = 0  # noqa: N803 - libvirt's name
+    ) -> Dict[str, int]:
+        with self._called("getMemoryStats", cellNum, flags):
+            return dict(self.node_memory_stats)
 
     def listAllDomains(self, flags: int = 0) -> List[FakeDomain]:
         with self._called("listAllDomains", flags):

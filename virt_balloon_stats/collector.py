@@ -69,7 +69,7 @@ from virt_balloon_stats.errors import (
     InvalidArgument,
 )
 from virt_balloon_stats.events import EventLoopHold, HostEvent, start_event_loop
-from virt_balloon_stats.host import Guest, default_uri
+from virt_balloon_stats.host import Guest, Host, default_uri
 from virt_balloon_stats.lanes import LaneStats
 from virt_balloon_stats.pool import WorkerPool
 from virt_balloon_stats.reading import DomainMemo, Reading
@@ -308,6 +308,13 @@ class Collector:
         for session in self._sessions:
             if session.uri == uri and uuid in session.entries:
                 return session.entries[uuid].guest
+        return None
+
+    def host(self, uri: str) -> Optional[Host]:
+        """The connection this collector reads ``uri`` through, while it is open (for ``on_cycle``)."""
+        for session in self._sessions:
+            if session.uri == uri and session.client is not None:
+                return session.client.host
         return None
 
     @property

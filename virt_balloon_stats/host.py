@@ -389,6 +389,21 @@ class Host:
             return False
         return True
 
+    def node_available(self) -> int:
+        """Bytes of memory the host has available: free + cached + buffers (``getMemoryStats``).
+
+        Asked of libvirt, not read from ``/proc``, so that a remote URI
+        gives that host's figure; the page cache counts as available, as the
+        kernel's own ``MemAvailable`` mostly does.
+
+        :raise LibvirtFailure: When libvirt cannot say, or says it without a free figure.
+        """
+        with libvirt_call(self.counter, "getMemoryStats"):
+            stats = self.conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+        if not isinstance(stats.get("free"), int):
+            raise LibvirtFailure(f"getMemoryStats() gave no free memory: {stats!r:.200}")
+        return sum(int(stats.get(name, 0)) for name in ("free", "cached", "buffers")) * 1024
+
     def __enter__(self) -> "Host":
         return self
 

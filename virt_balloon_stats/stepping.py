@@ -19,9 +19,13 @@ The rules, each there because a balloon tool in the field went without it:
 3. **Pressure returns the last shrink at once.** After a shrink, a swap-in
    or major-fault burst, any OOM kill, allocation stall or direct reclaim,
    or available memory under 5 % of the total gives the last step back in
-   one step, raises the guest's floor to the size it had before that step
-   (the raise decays with a half-life of 3 days), and holds the guest for
-   the cooldown.
+   one step (more if available memory is that much short of its floor),
+   raises the guest's floor to the new size (the raise decays with a
+   half-life of 3 days), and holds the guest for the cooldown: no shrink in
+   it. Pressure that goes on after a return or a grow grows the guest again
+   by a step each time it has settled, up to its ceiling, whatever the hold,
+   the host budget or the last change of direction: a hold is there to stop
+   shrinking, never to keep a guest short.
 4. **No flapping**: at most one change of direction per cooldown.
 5. **Confidence**: no shrink below the advice's ``--min-confidence``
    (0.5: one full day of history, as the advice counts it).
@@ -154,6 +158,9 @@ class Memory:
     :ivar raised_floor: Bytes: the floor pressure raised, and when (decaying).
     :ivar hold_until: Epoch seconds before which the guest is left as it is.
     :ivar turned_at: Epoch seconds of the last change of direction.
+    :ivar ceiling: Bytes: the guest's ceiling when its first step was made
+        (its balloon size then, or ``--max``). Kept so that a guest shrunk by
+        earlier runs can grow back to where it was, not to where it is.
     """
 
     last: Optional[Step] = None
@@ -161,6 +168,7 @@ class Memory:
     raised_floor: Optional[Tuple[int, float]] = None
     hold_until: float = 0.0
     turned_at: Optional[float] = None
+    ceiling: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +181,7 @@ class Decision:
     :ivar target: Bytes to ask ``setMemoryFlags`` for; ``None`` with no action.
     :ivar reason: One line for the log.
     :ivar memory: The guest's memory after this decision (with the step, if one is made).
+    :ivar pressed: Whether pressure made it (a return, or a grow under pressure).
     """
 
     uuid: str
@@ -181,6 +190,7 @@ class Decision:
     target: Optional[int]
     reason: str
     memory: Memory
+    pressed: bool = False
 
     @property
     def size(self) -> int:
@@ -203,13 +213,27 @@ def floor_of(memory: Memory, policy: StepPolicy, now: float) -> int:
     return max(policy.floor_bytes, policy.floor_bytes + math.ceil((raised - policy.floor_bytes) * decay))
 
 
+def _short(guest: Guest, policy: StepPolicy) -> int:
+    """Bytes available memory is short of its floor (0 when it is not, or unknown)."""
+    if guest.available is None or guest.total is None:
+        return 0
+    return max(0, math.ceil(policy.available_floor_fraction * guest.total) - guest.available)
+
+
 def _pressure(guest: Guest, step: Step, now: float, advice: Policy, policy: StepPolicy) -> List[str]:
-    """The signs of pressure since ``step``: the advice's, over the counters' increases, and low available."""
-    since = Point(start=step.at, seconds=max(1.0, now - step.at), ok_seconds=0.0, used_peak=None, actual=None,
-                  **deltas(step.counters, guest.counters))
-    kinds = pressure_kinds(since, advice)
-    low = policy.available_floor_fraction * (guest.total or 0)
-    if guest.available is not None and guest.available < low:
+    """The signs of pressure since ``step``: the advice's, over the counters' increases, and low available.
+
+    The counters are judged only within a cooldown of the step: over longer,
+    a healthy guest's faults add up to a "burst", and pressure long after a
+    step is the advice's to see, from the history.
+    """
+    kinds: List[str] = []
+    if now - step.at < policy.cooldown_seconds:
+        since = Point(start=step.at, seconds=max(1.0, now - step.at), ok_seconds=0.0, used_peak=None,
+                      actual=None, **deltas(step.counters, guest.counters))
+        kinds = pressure_kinds(since, advice)
+    if _short(guest, policy):
+        assert guest.available is not None
         kinds.append(f"available {_mib(guest.available)} under {policy.available_floor_fraction * 100:g} %")
     return kinds
 
@@ -224,8 +248,9 @@ def decide(guest: Guest, memory: Memory, policy: StepPolicy, now: float,
     """
     advice = advice or Policy()
 
-    def none(reason: str, kept: Memory = memory) -> Decision:
-        return Decision(guest.uuid, guest.name, Action.NONE, None, reason, kept)
+    def none(reason: str, kept: Optional[Memory] = None) -> Decision:
+        # The memory as it stands when the decision is made: settled, if this call found it so.
+        return Decision(guest.uuid, guest.name, Action.NONE, None, reason, kept or memory)
 
     def step(action: Action, target: int, reason: str, pressed: bool = False) -> Decision:
         last = memory.last
@@ -234,12 +259,12 @@ def decide(guest: Guest, memory: Memory, policy: StepPolicy, now: float,
             turned = now  # a change of direction: a grow or a return after a shrink, or the other way
         kept = dataclasses.replace(
             memory, last=Step(now, action, guest.actual, target, dict(guest.counters)), settled=False,
-            turned_at=turned,
+            turned_at=turned, ceiling=guest.ceiling if memory.ceiling is None else memory.ceiling,
         )
-        if pressed and last is not None:
-            kept = dataclasses.replace(kept, raised_floor=(last.before, now),
-                                       hold_until=now + policy.cooldown_seconds)
-        return Decision(guest.uuid, guest.name, action, target, reason, kept)
+        if pressed:
+            hold = now + policy.cooldown_seconds
+            kept = dataclasses.replace(kept, raised_floor=(target, now), hold_until=hold)
+        return Decision(guest.uuid, guest.name, action, target, reason, kept, pressed)
 
     if not guest.fresh:
         return none("figures not fresh: left alone")
@@ -259,12 +284,22 @@ def decide(guest: Guest, memory: Memory, policy: StepPolicy, now: float,
             return none(f"did not reach {_mib(last.target)} within {policy.settle_seconds:g} s "
                         f"(at {_mib(guest.actual)}): held for {policy.cooldown_seconds:g} s", held)
 
-    if last is not None and last.action is Action.SHRINK:
+    room = min(policy.step_fraction * guest.actual, policy.step_max_bytes)
+    size = max(MiB, math.floor(room / MiB) * MiB)
+    if last is not None:
         kinds = _pressure(guest, last, now, advice, policy)
-        if kinds:
-            return step(Action.RETURN, max(last.before, guest.actual),
+        # Beyond a step, what available memory lacks, in whole MiB: one step must end the shortage.
+        need = guest.actual + size + math.ceil(_short(guest, policy) / MiB) * MiB
+        holding = f"floor raised to it, held for {policy.cooldown_seconds:g} s"
+        if kinds and last.action is Action.SHRINK:
+            target = min(max(last.before, need), max(last.before, guest.ceiling))
+            return step(Action.RETURN, target,
                         f"pressure after the shrink to {_mib(last.target)} ({', '.join(kinds)}): back to "
-                        f"{_mib(last.before)}, floor raised to it, held for {policy.cooldown_seconds:g} s",
+                        f"{_mib(target)}, {holding}", pressed=True)
+        if kinds and guest.actual < guest.ceiling - policy.settle_tolerance_bytes:
+            target = min(need, guest.ceiling)
+            return step(Action.GROW, target,
+                        f"pressure goes on ({', '.join(kinds)}): grow to {_mib(target)}, {holding}",
                         pressed=True)
 
     if now < memory.hold_until:
@@ -274,8 +309,6 @@ def decide(guest: Guest, memory: Memory, policy: StepPolicy, now: float,
 
     floor = floor_of(memory, policy, now)
     goal = min(max(guest.recommended, floor), guest.ceiling)
-    room = min(policy.step_fraction * guest.actual, policy.step_max_bytes)
-    size = max(MiB, math.floor(room / MiB) * MiB)
     turned_recently = memory.turned_at is not None and now - memory.turned_at < policy.cooldown_seconds
     if goal < guest.actual - policy.settle_tolerance_bytes:
         if not shrink:
@@ -365,6 +398,7 @@ def memory_to_dict(memory: Memory) -> Dict[str, Any]:
         "raised_floor": None if memory.raised_floor is None else list(memory.raised_floor),
         "hold_until": memory.hold_until,
         "turned_at": memory.turned_at,
+        "ceiling": memory.ceiling,
     }
 
 
@@ -390,6 +424,7 @@ def memory_from_dict(data: Any) -> Memory:
             raised_floor=None if raised is None else _pair(raised),
             hold_until=_time(data["hold_until"]),
             turned_at=None if data["turned_at"] is None else _time(data["turned_at"]),
+            ceiling=None if data["ceiling"] is None else _size(data["ceiling"]),
         )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise InvalidArgument(f"not a balloon step record: {data!r:.200}") from err

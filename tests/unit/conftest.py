@@ -166,8 +166,11 @@ class World:
     ) -> None:
         self.fixtures = list(fixtures)
         self.domains = domains if domains is not None else [FakeDomain(f) for f in self.fixtures]
+        # The host's memory as recorded with the step scenario, by any fixture that has it.
+        node = next((f["node_memory_stats"] for f in self.fixtures if "node_memory_stats" in f), None)
         self.conn = FakeConnect(
-            self.domains, not_found=libvirt_error_record("unknown-domain", stack), busy=busy, rpc=rpc
+            self.domains, not_found=libvirt_error_record("unknown-domain", stack), busy=busy, rpc=rpc,
+            node_memory_stats=node,
         )
         self.transport = RecordedTransport(*self.fixtures, raises=tuple(qmp_raises))
         self.host = Host(self.conn, URI, reopen=self.conn.another if lanes else None)

@@ -518,3 +518,22 @@ def test_a_job_of_any_type_is_active():
     fixture["job_info"] = [libvirt.VIR_DOMAIN_JOB_UNBOUNDED] + [0] * 11
     w = World([fixture])
     assert w.host.lookup("vbs-tb-rec-step").job_active() is True
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_hosts_available_memory_is_free_cached_and_buffers_of_getmemorystats(stack):
+    fixture = load("step", stack)
+    node = fixture["node_memory_stats"]
+    w = World([fixture], stack=stack)
+    available = w.host.node_available()
+    assert available == (node["free"] + node["cached"] + node["buffers"]) * 1024
+    assert 0 < available <= node["total"] * 1024
+    assert w.conn.calls == [("getMemoryStats", (libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0))]
+
+
+def test_a_host_figure_without_free_memory_is_a_libvirt_failure():
+    w = World([load("step")])
+    w.conn.node_memory_stats = {"total": 1}
+    with pytest.raises(LibvirtFailure) as caught:
+        w.host.node_available()
+    assert "gave no free memory" in str(caught.value)

@@ -76,6 +76,10 @@ LAYERS: Tuple[Floor, ...] = (
         "history kept by a long-running collector: each cycle recorded, advice refreshed and served",
         frozenset({"keeper"}),
     ),
+    Floor(
+        "acting on advice for libvirt's domains: a cycle's figures in, balloon steps out, kept and counted",
+        frozenset({"ballooning"}),
+    ),
     Floor("the package's face: its public names, loaded on first use", frozenset({"__init__"})),
     Floor("the command line's Run and shared options", frozenset({"cli.common"})),
     Floor(
@@ -91,7 +95,7 @@ OUTSIDE: Dict[str, FrozenSet[str]] = {
     "libvirt": frozenset({"host", "events"}),
     "libvirt_qemu": frozenset({"transport"}),
     "lxml": frozenset({"domxml"}),
-    "prometheus_client": frozenset({"metrics", "exporter", "advising", "keeper"}),
+    "prometheus_client": frozenset({"metrics", "exporter", "advising", "keeper", "ballooning"}),
     "sqlite3": frozenset({"history"}),
 }
 

@@ -1127,7 +1127,7 @@ def test_render_always_parses_and_labels_round_trip(cycle):
 
 COMMANDS = (
     "stats", "period", "enable", "disable", "path", "check", "watch", "rearm", "stream", "exporter", "record",
-    "advise",
+    "advise", "balloon",
 )
 
 #: Where the generated command lines' files live; replaced by the test's tmp_path.
@@ -1178,6 +1178,13 @@ def _cli_options() -> Dict[str, Dict[str, Any]]:
         "--debug": None,
     }
     timing = {"--grace": SECONDS, "--timeout": SECONDS}
+    sizes = st.sampled_from(["128M", "1G", "0", "1.5GiB", "12Q", "-5M", "", "4096k", "1e3"]) | WORDS
+    percents = st.sampled_from(["5", "5%", "0", "100", "101", "-1", "nan", "12.5 %", ""]) | WORDS
+    stepping = {
+        "--yes": None, "--step": percents, "--step-max": sizes, "--min-confidence": SECONDS,
+        "--cooldown": DURATIONS, "--settle": DURATIONS, "--pressure-available": percents, "--max": sizes,
+        "--target-host-available": sizes, "--max-total": sizes, "--textfile": st.sampled_from(TEXTFILES),
+    }
     reading = {**common, **timing, "--all": None, "--source": source}
     setting = {**common, "--via": via, "--live": None, "--config": None}
     return {
@@ -1195,7 +1202,20 @@ def _cli_options() -> Dict[str, Dict[str, Any]]:
         },
         "advise": {
             **common,
+            **stepping,
             "--all": None,
+            "--history": st.sampled_from(HISTORIES),
+            "--window": DURATIONS,
+            "--min-history": DURATIONS,
+            "--apply": None,
+            "--source": source,
+            "--timeout": SECONDS,
+        },
+        "balloon": {
+            **reading,
+            **stepping,
+            "--interval": SECONDS,
+            "--count": SECONDS,
             "--history": st.sampled_from(HISTORIES),
             "--window": DURATIONS,
             "--min-history": DURATIONS,
@@ -1244,9 +1264,9 @@ def command_lines(draw: Any) -> List[str]:
         else:
             argv.append(draw(WORDS))
     argv += draw(st.sampled_from([[]] * 12 + [["--help"], ["-h"], ["--version"]]))
-    if command in ("watch", "stream", "record"):
+    if command in ("watch", "stream", "record", "balloon"):
         argv += ["--count", "1"]  # they run until Ctrl-C otherwise
-    if command in ("record", "advise"):
+    if command in ("record", "advise", "balloon"):
         argv += ["--history", f"{TMP}/history.sqlite"]  # never the default, a system path
     return argv
 

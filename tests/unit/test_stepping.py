@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import List, Optional
 
 import pytest
@@ -165,6 +166,56 @@ def test_a_guest_that_thrashes_after_a_shrink_gets_the_step_back_at_once(feedbac
     assert decayed == POLICY.floor_bytes + (1 * GiB - POLICY.floor_bytes) // 2
 
 
+def test_pressure_that_goes_on_grows_the_guest_through_the_hold_up_to_its_ceiling():
+    """A hold stops shrinks, never a guest short of memory: each settled step under pressure grows it."""
+    g = guest(actual=1 * GiB)
+    shrink = decide(g, Memory(), POLICY, NOW)
+    g = follow(g, shrink, available=10 * MiB)
+    back = decide(g, shrink.memory, POLICY, NOW + 10)
+    assert back.action is Action.RETURN and back.target == 1 * GiB
+    # Still short once back at its ceiling: nothing above it.
+    at_top = decide(follow(g, back), back.memory, POLICY, NOW + 20)
+    assert at_top.action is Action.NONE and at_top.reason.startswith("held for")
+    assert at_top.memory.settled, "a step found settled stays so, whatever else is decided"
+    # A guest shrunk over several runs and short again after a return grows on, inside the hold.
+    low = guest(actual=600 * MiB, ceiling=1 * GiB, available=10 * MiB, total=590 * MiB)
+    grow = decide(low, at_top.memory, POLICY, NOW + 30)
+    short = math.ceil(0.05 * 590 * MiB) - 10 * MiB
+    assert grow.action is Action.GROW and NOW + 30 < back.memory.hold_until
+    assert grow.target == 600 * MiB + 30 * MiB + math.ceil(short / MiB) * MiB, grow.reason
+    assert grow.memory.raised_floor == (grow.target, NOW + 30)
+    assert "pressure goes on (available 10 MiB under 5 %)" in grow.reason
+
+
+def test_a_deep_shortage_returns_more_than_the_last_step():
+    g = guest(actual=1 * GiB, ceiling=2 * GiB)
+    shrink = decide(g, Memory(), POLICY, NOW)
+    starved = follow(g, shrink, available=0, total=shrink.target)
+    back = decide(starved, shrink.memory, POLICY, NOW + 10)
+    assert back.action is Action.RETURN and back.target is not None
+    assert back.target >= starved.actual + math.ceil(0.05 * starved.total / MiB) * MiB
+    assert back.target > 1 * GiB, "the last step alone would leave it short"
+
+
+def test_counters_are_judged_within_a_cooldown_of_the_step_only():
+    """Over a week a healthy guest's faults add up to a 'burst': later pressure is the advice's to see."""
+    g = guest()
+    shrink = decide(g, Memory(), POLICY, NOW)
+    later = NOW + POLICY.cooldown_seconds + 1
+    faults = follow(g, shrink, counters={**QUIET, "stat-major-faults": 10**6})
+    assert decide(faults, shrink.memory, POLICY, later).action is Action.SHRINK
+    low = follow(g, shrink, available=1 * MiB)
+    assert decide(low, shrink.memory, POLICY, later).action is Action.RETURN
+
+
+def test_the_ceiling_of_the_first_step_is_remembered():
+    g = guest(actual=1 * GiB)
+    first = decide(g, Memory(), POLICY, NOW)
+    assert first.memory.ceiling == 1 * GiB
+    second = decide(follow(g, first, ceiling=900 * MiB), first.memory, POLICY, NOW + 10)
+    assert second.memory.ceiling == 1 * GiB, "the apply layer reads it back as the guest's ceiling"
+
+
 def test_quiet_counters_and_unsupported_ones_are_no_pressure():
     g = guest(counters={**QUIET, "stat-oom-kills": None})
     shrink = decide(g, Memory(), POLICY, NOW)
@@ -308,6 +359,8 @@ def test_memory_round_trips_through_json():
         lambda d: d["last"].update(target=True),
         lambda d: d["last"].update(counters=[1]),
         lambda d: d.update(last="x"),
+        lambda d: d.update(ceiling=-5),
+        lambda d: d.pop("ceiling"),
     ],
 )
 def test_a_damaged_record_is_refused_not_half_read(damage):

@@ -14,8 +14,8 @@ family, a module beside this one that adds the command's parser and runs
 it: :mod:`~virt_balloon_stats.cli.reads` (``stats``, ``path``, ``check``),
 :mod:`~virt_balloon_stats.cli.control` (``period``, ``enable``, ``disable``,
 ``rearm``), :mod:`~virt_balloon_stats.cli.long_running` (``watch``,
-``stream``, ``record``, ``exporter``) and :mod:`~virt_balloon_stats.cli.advising`
-(``advise``); what they share is in
+``stream``, ``record``, ``exporter``, ``balloon``) and :mod:`~virt_balloon_stats.cli.advising`
+(``advise``, and ``advise --apply``); what they share is in
 :mod:`~virt_balloon_stats.cli.common`. Only the family of the command given
 is imported. A new command is a function in its family and a row here.
 """
@@ -58,6 +58,7 @@ COMMANDS = {
     "stream": "long_running",
     "record": "long_running",
     "exporter": "long_running",
+    "balloon": "long_running",
     "advise": "advising",
 }
 
@@ -150,7 +151,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("name at least one domain")
     if args.format == "prometheus" and args.format not in args.formats:
         raise UsageError("--format prometheus applies to 'stats' and 'advise' only")
-    if getattr(args, "textfile", None) and args.format == "json":
+    if getattr(args, "textfile", None) and args.format == "json" and args.command == "stats":
         raise UsageError("--textfile writes the Prometheus format; drop --format json")
     if args.format not in args.formats:
         raise UsageError(f"'{args.command}' has its own output; --format does not apply")

@@ -12,6 +12,7 @@ read-write connection, whether it runs until stopped).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Set, TextIO, Tuple, cast
@@ -24,6 +25,7 @@ from virt_balloon_stats.sample import SOURCES
 from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS
 
 if TYPE_CHECKING:  # imported where used: a one-domain reading needs no collector
+    from virt_balloon_stats.ballooning import Ballooner, Outcome
     from virt_balloon_stats.collector import Collector, Cycle
 
 __all__ = [
@@ -50,6 +52,11 @@ __all__ = [
     "add_timeout",
     "seconds",
     "positive",
+    "size",
+    "NEEDS_READ_WRITE",
+    "add_stepping",
+    "ballooner_of",
+    "tell",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -429,3 +436,132 @@ def seconds(text: str, *, zero: bool = True) -> float:
 def positive(text: str) -> float:
     """More than 0 seconds, finite (timeouts, intervals, ``--max-age``)."""
     return seconds(text, zero=False)
+
+
+#: What ``--yes`` with ``-r`` is told.
+NEEDS_READ_WRITE = "--yes changes guests through libvirt, which a read-only connection refuses; drop -r"
+
+#: Bytes per unit of a size: binary units, as virsh's own.
+_SIZES: Dict[str, int] = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30,
+                          "gib": 2**30, "t": 2**40, "tib": 2**40}
+
+
+def size(text: str) -> int:
+    """``512M``, ``2GiB``, ``1.5G``, ``4096k`` or plain bytes -> whole bytes (binary units, as virsh's).
+
+    :raise argparse.ArgumentTypeError: For anything else, or a size under 0.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZES:
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text[:40]!r}; give bytes or a number with K, M, G or T"
+        )
+    return int(float(match.group(1)) * _SIZES[unit])
+
+
+def _percent(text: str) -> float:
+    """``5``, ``5%`` or ``12.5 %`` -> 0.05...; more than 0 and at most 100."""
+    try:
+        value = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text[:40]!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"a percentage over 0 and at most 100, not {text[:40]!r}")
+    return value / 100
+
+
+def _fraction(text: str) -> float:
+    """A number from 0 to 1 (``--min-confidence``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number from 0 to 1: {text[:40]!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a number from 0 to 1, not {text[:40]!r}")
+    return value
+
+
+def add_stepping(parser: argparse.ArgumentParser, *, long_running: bool) -> None:
+    """The balloon steps' options (``advise --apply``, ``balloon``): confirmation, bounds and feedback."""
+    from virt_balloon_stats.stepping import StepPolicy
+
+    d = StepPolicy()
+    parser.add_argument(
+        "--yes", action="store_true",
+        help="make the setMemoryFlags calls; without it, " + ("every pass is" if long_running else "this is")
+        + " a dry run that prints the calls it would make and changes nothing",
+    )
+    parser.add_argument("--step", type=_percent, default=d.step_fraction, metavar="PERCENT",
+                        help="a step moves at most this share of the balloon size "
+                        f"(default: {d.step_fraction * 100:g}%%)")
+    parser.add_argument("--step-max", type=size, default=d.step_max_bytes, metavar="SIZE",
+                        help=f"...and at most this much (default: {d.step_max_bytes // 2**20}M)")
+    parser.add_argument("--min-confidence", type=_fraction, default=d.min_confidence, metavar="F",
+                        help=f"no shrink on advice less confident than this; 0.5 is one full day of history "
+                        f"(default: {d.min_confidence:g})")
+    parser.add_argument("--cooldown", type=duration, default=d.cooldown_seconds, metavar="D",
+                        help="hold after pressure, and at most one change of direction in it (default: "
+                        f"{spell_duration(d.cooldown_seconds)})")
+    parser.add_argument("--settle", type=duration, default=d.settle_seconds, metavar="D",
+                        help="how long a step may take to reach its target before the guest is held "
+                        f"(default: {spell_duration(d.settle_seconds)})")
+    parser.add_argument("--pressure-available", type=_percent, default=d.available_floor_fraction,
+                        metavar="PERCENT", help="available memory under this share of the guest's total is "
+                        f"pressure (default: {d.available_floor_fraction * 100:g}%%)")
+    parser.add_argument("--max", type=size, metavar="SIZE",
+                        help="grow no guest over this (default: its balloon size when stepping began)")
+    parser.add_argument("--target-host-available", type=size, metavar="SIZE",
+                        help="shrink only while the host has less available (free + cached + buffers), "
+                        "the most over-provisioned guests first, and grow back only while it has more")
+    parser.add_argument("--max-total", type=size, metavar="SIZE",
+                        help="take back at most this much in all"
+                        + (" while it runs" if long_running else ""))
+    parser.add_argument("--textfile", metavar="PATH",
+                        help="write the step counters there after each pass, in Prometheus' text format "
+                        "(for node_exporter's textfile collector)")
+
+
+@contextlib.contextmanager
+def ballooner_of(run: Run, collector: "Collector") -> Iterator["Ballooner"]:
+    """The :class:`~virt_balloon_stats.ballooning.Ballooner` of the command's options, on its history.
+
+    The history is opened as its stepper only with ``--yes`` (one stepper
+    at a time); a dry run only reads it.
+
+    :raise UsageError: When the options contradict each other.
+    """
+    from virt_balloon_stats.ballooning import Ballooner
+    from virt_balloon_stats.errors import InvalidArgument
+    from virt_balloon_stats.history import History
+    from virt_balloon_stats.stepping import StepPolicy
+
+    args = run.args
+    advice = policy_of(args)
+    try:
+        policy = StepPolicy(step_fraction=args.step, step_max_bytes=args.step_max,
+                            min_confidence=args.min_confidence,
+                            cooldown_seconds=args.cooldown, settle_seconds=args.settle,
+                            available_floor_fraction=args.pressure_available, floor_bytes=advice.floor_bytes)
+    except InvalidArgument as err:
+        raise UsageError(str(err)) from None
+    if args.step_max < 2**20:
+        raise UsageError("--step-max must be at least 1M: a balloon moves in whole MiB")
+    with History.open(args.history or HISTORY_PATH, writer=False, stepper=args.yes) as history:
+        yield Ballooner(collector, history, advice, policy, apply=args.yes, maximum=args.max,
+                        target_host_available=args.target_host_available, max_total=args.max_total)
+
+
+def tell(run: Run, ballooner: "Ballooner", outcomes: List["Outcome"]) -> None:
+    """Each outcome as a line (a JSON line with ``--format json``), then the counters to ``--textfile``."""
+    args = run.args
+    for outcome in outcomes:
+        if args.format == "json":
+            import json
+
+            run.write(json.dumps(outcome.to_dict()))
+        else:
+            run.write(outcome.line(show_uri=run.several_hosts))
+    run.out.flush()
+    if args.textfile:
+        ballooner.write_textfile(args.textfile)

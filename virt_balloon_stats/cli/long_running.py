@@ -1,4 +1,4 @@
-"""The long-running commands: ``watch``, ``stream``, ``record`` and ``exporter``.
+"""The long-running commands: ``watch``, ``stream``, ``record``, ``exporter`` and ``balloon``.
 
 Each drives a long-running collector: libvirt's events keep its caches, a
 hung QEMU costs only its own row, line or metric, and a lost connection is
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, List, Set, Tuple
 from virt_balloon_stats.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    NEEDS_READ_WRITE,
     HISTORY_PATH,
     OWN_OUTPUT,
     AddCommand,
@@ -28,11 +29,14 @@ from virt_balloon_stats.cli.common import (
     add_history,
     add_policy,
     add_source,
+    add_stepping,
     add_timeout,
+    ballooner_of,
     duration,
     policy_of,
     positive,
     spell_duration,
+    tell,
 )
 from virt_balloon_stats.errors import BalloonStatsError
 
@@ -40,7 +44,7 @@ if TYPE_CHECKING:
     from virt_balloon_stats.collector import Collector, Cycle
     from virt_balloon_stats.exporter import Exporter
 
-__all__ = ["add_parsers", "cmd_watch", "cmd_stream", "cmd_record", "cmd_exporter"]
+__all__ = ["add_parsers", "cmd_watch", "cmd_stream", "cmd_record", "cmd_exporter", "cmd_balloon"]
 
 #: The exporter's default port (kept in step with ``exporter.DEFAULT_PORT``,
 #: which needs prometheus_client to import).
@@ -97,6 +101,42 @@ def cmd_watch(run: Run) -> int:
             run.out.flush()
         collector.stop()
     return EXIT_FAILED if run.failed or not frames else EXIT_OK
+
+
+def cmd_balloon(run: Run) -> int:
+    """Step the domains toward their advice every ``--interval``, until SIGTERM or Ctrl-C.
+
+    Every pass is a dry run without ``--yes``. A step is printed every time,
+    a domain's other outcomes when they change (a stopped QEMU once, not
+    every interval). SIGTERM ends it after the pass in progress, so a step
+    is never left half made.
+    """
+    from virt_balloon_stats.ballooning import News
+    from virt_balloon_stats.errors import HistoryError
+
+    args = run.args
+    if args.yes and args.readonly:
+        raise UsageError(NEEDS_READ_WRITE)
+    collector = run.collector(events=True, timeout=args.timeout or args.interval, log_changes=True)
+    reported: Set[Tuple[str, str, str]] = set()
+    news = News()
+    history_failed = [""]
+    with ballooner_of(run, collector) as ballooner:
+
+        def on_cycle(cycle: Cycle) -> None:
+            run.report_cycle(cycle, reported)
+            try:
+                outcomes = ballooner.on_cycle(cycle)
+            except HistoryError as err:  # nobody is stepped this pass; said once until it comes back
+                if str(err) != history_failed[0]:
+                    run.report("history", "", err)
+                    history_failed[0] = str(err)
+                return
+            history_failed[0] = ""
+            tell(run, ballooner, news(outcomes))
+
+        _run_until_stopped(collector, args.interval, args.count, on_cycle)
+    return EXIT_OK
 
 
 def _run_until_stopped(
@@ -243,7 +283,7 @@ def _add_cycles(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(command: AddCommand) -> None:
-    """``watch``, ``stream``, ``record`` and ``exporter``, with their options."""
+    """``watch``, ``stream``, ``record``, ``exporter`` and ``balloon``, with their options."""
     p = command(
         "watch",
         cmd_watch,
@@ -358,3 +398,40 @@ def add_parsers(command: AddCommand) -> None:
         f"(default: {spell_duration(_ADVISE_EVERY)})",
     )
     add_policy(p)
+
+    p = command(
+        "balloon",
+        cmd_balloon,
+        "step guests toward their advice, with pressure feedback",
+        "Every --interval seconds, take one bounded balloon step for each domain toward the size "
+        "'advise' recommends from the history file ('record' or 'exporter --history' writes it): at "
+        "most --step of its size or --step-max, never below the advice's floor nor above its size when "
+        "stepping began (or --max). Only domains with fresh figures, not paused, with no job (a "
+        "migration) and whose last step has settled are stepped; no shrink on confidence under "
+        "--min-confidence. After a shrink, pressure (swap-in or major-fault bursts, OOM kills, "
+        "allocation stalls, direct reclaim, available memory under --pressure-available) gives the "
+        "step back at once, raises that guest's floor and holds it for --cooldown. Each guest's steps "
+        "are kept in the history file, so a restart resumes. Every pass is a dry run that prints the "
+        "setMemoryFlags calls it would make unless --yes is given. SIGTERM stops it after the pass "
+        "in progress.",
+        examples=(
+            "balloon --all",
+            "balloon --all --yes --interval 60 --format json",
+            "balloon --yes --target-host-available 4G --max-total 16G web1 db1",
+        ),
+        formats=("table", "json"),
+        long_running=True,
+    )
+    add_domains(p, all_unless_named=True)
+    add_source(p)
+    add_grace(p)
+    add_history(p)
+    p.add_argument(
+        "--interval", type=positive, default=60.0, metavar="S", help="seconds between passes (default: 60)"
+    )
+    p.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N passes (default: never)"
+    )
+    add_timeout(p, None)
+    add_policy(p)
+    add_stepping(p, long_running=True)
