@@ -30,8 +30,9 @@ def _analyze() -> str:
 
 
 def test_there_are_units_to_check():
-    """The exporter's service and the textfile timer's service are both shipped."""
-    assert {"virt-balloon-stats.service", "virt-balloon-stats-exporter.service"} <= set(UNITS)
+    """The exporter's service, the textfile timer's service and the stepper's are shipped."""
+    assert {"virt-balloon-stats.service", "virt-balloon-stats-exporter.service",
+            "virt-balloon-stats-balloon.service"} <= set(UNITS)
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -58,3 +59,18 @@ def test_unit_verifies(unit):
         if line.strip() and "/usr/local/bin/virt-balloon-stats" not in line
     ]
     assert not problems, proc.stderr
+
+
+def test_the_stepper_unit_ships_as_a_dry_run_the_parser_accepts():
+    """Its ExecStart is a valid 'balloon' command line, without --yes: an operator adds it after a look."""
+    import shlex
+
+    from virt_balloon_stats.cli import build_parser
+
+    text = (UNITS_DIR / "virt-balloon-stats-balloon.service").read_text().replace("\\\n", " ")
+    [line] = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    argv = shlex.split(line.partition("=")[2])[1:]
+    args = build_parser(argv[0]).parse_args(argv)
+    assert args.command == "balloon" and args.all and not args.yes
+    assert args.history == "/var/lib/virt-balloon-stats/history.sqlite"
+    assert f"ReadWritePaths={Path(args.history).parent}" in text
