@@ -48,6 +48,7 @@ from virt_balloon_stats.errors import (
     BalloonStatsError,
     HistoryError,
     InvalidArgument,
+    LibvirtFailure,
 )
 from virt_balloon_stats.stats import Status
 from virt_balloon_stats.stepping import (
@@ -254,11 +255,14 @@ class Ballooner:
             available = None
             if self._target is not None:
                 host = self._collector.host(uri)
-                if host is None:
+                try:
+                    if host is None:
+                        raise LibvirtFailure("its host's connection is closed")
+                    available = host.node_available()
+                except BalloonStatsError as err:  # no budget, no step on that host this pass
                     for view in host_views:
-                        judged[(uri, view.uuid)].note = "its host's connection is closed"
+                        judged[(uri, view.uuid)].note = f"the host's available memory is unknown: {err}"
                     continue
-                available = host.node_available()
             # What the hosts planned before this one would take, in this pass.
             planned = sum(-p.decision.size for p in pending if p.decision.action is Action.SHRINK)
             decisions = plan(host_views, {v.uuid: memories.get(v.uuid, Memory()) for v in host_views},

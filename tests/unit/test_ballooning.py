@@ -10,6 +10,7 @@ sets the recorded ``actual`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -91,11 +92,8 @@ class Harness:
 
 @pytest.fixture
 def harness(tmp_path: Any) -> Iterator[Harness]:
-    h = Harness(str(tmp_path / "history.sqlite"))
-    try:
+    with contextlib.closing(Harness(str(tmp_path / "history.sqlite"))) as h:
         yield h
-    finally:
-        h.close()
 
 
 def one(h: Harness, ballooner: Ballooner) -> Outcome:
@@ -188,8 +186,7 @@ def test_a_restart_resumes_from_the_history(harness):
 
 
 def test_stale_and_paused_domains_are_left_alone_without_a_call_to_them(tmp_path):
-    h = Harness(str(tmp_path / "history.sqlite"), "stale", "paused")
-    try:
+    with contextlib.closing(Harness(str(tmp_path / "history.sqlite"), "stale", "paused")) as h:
         cycle = h.collector.collect()
         read = {d.name(): len(d.calls) for d in h.world.domains}
         outcomes = {o.domain: o for o in h.ballooner().on_cycle(cycle)}
@@ -198,8 +195,6 @@ def test_stale_and_paused_domains_are_left_alone_without_a_call_to_them(tmp_path
             domain = next(d for d in h.world.domains if d.name() == name)
             assert len(domain.calls) == read[name], "no call beyond the cycle's own"
         assert outcomes[NAME].applied
-    finally:
-        h.close()
 
 
 def test_a_job_on_the_domain_stops_the_step(harness):
@@ -229,6 +224,16 @@ def test_the_host_target_reads_libvirts_host_memory(harness):
     short = one(harness, harness.ballooner(apply=False, target_host_available=available + MiB))
     assert short.action is Action.SHRINK
     assert [c for c, _ in harness.world.conn.calls].count("getMemoryStats") == 2
+
+
+def test_a_host_whose_memory_is_unknown_gets_no_step_under_a_target(harness):
+    harness.world.conn.node_memory_stats = {}
+    outcome = one(harness, harness.ballooner(target_host_available=1))
+    assert outcome.target is None and outcome.error is not None
+    assert outcome.error.startswith(
+        "the host's available memory is unknown: getMemoryStats() gave no free memory"
+    )
+    assert harness.calls() == []
 
 
 def test_max_total_bounds_the_whole_run(harness):
@@ -290,11 +295,8 @@ def test_an_outcome_is_one_json_document():
 
 @pytest.fixture
 def live(tmp_path: Any) -> Iterator[Harness]:
-    h = Harness(str(tmp_path / "history.sqlite"), live=True)
-    try:
+    with contextlib.closing(Harness(str(tmp_path / "history.sqlite"), live=True)) as h:
         yield h
-    finally:
-        h.close()
 
 
 def run_cli(harness: Harness, monkeypatch: Any, *argv: str) -> Any:
