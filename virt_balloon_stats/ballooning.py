@@ -357,7 +357,7 @@ class Ballooner:
     def write_textfile(self, path: str) -> None:
         """The counters in Prometheus' text format at ``path``, replaced whole (node_exporter's textfile).
 
-        :raise InvalidArgument: When prometheus_client is not installed.
+        :raise InvalidArgument: When prometheus_client is not installed, or the file cannot be written.
         """
         try:
             from prometheus_client import CollectorRegistry, write_to_textfile
@@ -365,7 +365,10 @@ class Ballooner:
             raise InvalidArgument(NEEDS_PROMETHEUS_CLIENT) from err
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
-        write_to_textfile(path, registry)
+        try:
+            write_to_textfile(path, registry)
+        except OSError as err:
+            raise InvalidArgument(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def _none(sample: "Sample", reason: str, memory: Optional[Memory]) -> Decision:

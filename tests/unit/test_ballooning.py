@@ -356,3 +356,29 @@ def test_balloon_runs_passes_and_writes_its_textfile(live, monkeypatch, tmp_path
     assert code == 0, err
     assert out.startswith(f"{NAME}: shrink 384 MiB -> 365 MiB") and " done: " in out
     assert 'virt_balloon_balloon_steps_total{direction="down",reason="advice"} 1.0' in textfile.read_text()
+
+
+def test_a_textfile_that_cannot_be_written_is_one_line_and_the_loop_goes_on(live, monkeypatch, tmp_path):
+    textfile = tmp_path / "missing" / "steps.prom"
+    code, out, err = run_cli(live, monkeypatch, "balloon", "--count", "2", "--interval", "0.1",
+                             "--textfile", str(textfile), "--history", live.path, "--all")
+    assert code == 0 and out.count(" dry run, not applied: ") == 2, (out, err)
+    assert err == f"textfile: cannot write {textfile}: No such file or directory\n"
+
+
+@pytest.mark.parametrize("text, size", [("512M", 512 * MiB), ("2GiB", 2 * 1024 * MiB), ("1.5g", 1536 * MiB),
+                                        ("4096k", 4 * MiB), ("1000", 1000), (" 3 T ", 3 * 2**40)])
+def test_sizes_read_as_virsh_reads_them(text, size):
+    from virt_balloon_stats.cli.common import size as parse
+
+    assert parse(text) == size
+
+
+@pytest.mark.parametrize("text", ["-5M", "1e3", "12Q", "", "M", "9" * 400, "99999999999T"])
+def test_what_is_no_size_is_refused(text):
+    import argparse
+
+    from virt_balloon_stats.cli.common import size as parse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse(text)

@@ -449,7 +449,7 @@ _SIZES: Dict[str, int] = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "
 def size(text: str) -> int:
     """``512M``, ``2GiB``, ``1.5G``, ``4096k`` or plain bytes -> whole bytes (binary units, as virsh's).
 
-    :raise argparse.ArgumentTypeError: For anything else, or a size under 0.
+    :raise argparse.ArgumentTypeError: For anything else: a sign, an exponent, an unknown unit, 8 EiB or more.
     """
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
@@ -457,7 +457,10 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"not a size: {text[:40]!r}; give bytes or a number with K, M, G or T"
         )
-    return int(float(match.group(1)) * _SIZES[unit])
+    value = float(match.group(1)) * _SIZES[unit]
+    if not value < 2**63:
+        raise argparse.ArgumentTypeError(f"a size under 8 EiB, not {text[:40]!r}")
+    return int(value)
 
 
 def _percent(text: str) -> float:

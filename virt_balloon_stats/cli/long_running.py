@@ -133,7 +133,13 @@ def cmd_balloon(run: Run) -> int:
                     history_failed[0] = str(err)
                 return
             history_failed[0] = ""
-            tell(run, ballooner, news(outcomes))
+            try:
+                tell(run, ballooner, news(outcomes))
+            except BalloonStatsError as err:  # the --textfile: the steps are made and kept already
+                key = ("textfile", "", str(err))
+                if key not in reported:
+                    reported.add(key)
+                    run.report("textfile", "", err)
 
         _run_until_stopped(collector, args.interval, args.count, on_cycle)
     return EXIT_OK
