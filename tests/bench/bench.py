@@ -18,6 +18,8 @@ B6  the exporter: CPU, peak RSS, scrape latency
 B7  a cold ``stats DOMAIN --format json`` against the bare imports
 B8  the same against ``virsh dommemstat``
 B9  ``stats --all --timeout 5`` with one QEMU stopped
+B10 host CPU per domain-cycle, the exporter over Debian's collectd (virt plugin), same domains and interval
+B11 with one QEMU stopped for 40 s, the longest gap in any other domain's figures: the exporter's, collectd's
 B13 a collector cycle recorded in a history file (``exporter --history``) against one not
 B14 ``advise --all`` over 8 days of history a domain, scaled to 100 domains
 """
@@ -329,9 +331,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--domains", type=int, default=30, help="N: domains in all, two of them guests (30)")
     parser.add_argument("--runs", type=int, default=15, help="repetitions of each timed measurement (15)")
     parser.add_argument("--exporter-seconds", type=float, default=60.0, help="length of B6 (60)")
+    parser.add_argument("--peer-seconds", type=float, default=60.0, help="length of each B10 run (60)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (it starts libvirtd and creates domains)")
+    if shutil.which("collectd") is None:
+        raise SystemExit(
+            "bench: collectd is missing (Debian's collectd-core); contrib/run-tests bench installs it"
+        )
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     from virt_balloon_stats.client import DEFAULT_WORKERS
     from virt_balloon_stats.collector import Collector
@@ -451,6 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report.add("B9", f"'stats --timeout 5', 1 of {len(names)} QEMUs stopped: exit time", took, " s",
                    "<= 5.5 s", good, {"others_read": len(read), "stopped_status": hung_status})
 
+        peer_rows(report, names, args.peer_seconds, hung)
+
     print(f"virt_balloon_stats benchmarks: libvirt {env['libvirt_text']}, QEMU {env['qemu_text']}, "
           f"guests under TCG, {env['cpus']} CPUs, median of {args.runs}")
     print(report.table())
@@ -461,6 +470,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"targets missed: {', '.join(report.missed)}")
         return 1
     return 0
+
+
+def peer_rows(report: "Report", names: Sequence[str], seconds: float, hung: str) -> None:
+    """B10 and B11 (see :mod:`peers`): the exporter and collectd, one after the other, 5 s intervals."""
+    import peers  # beside this script, on its sys.path
+
+    interval = 5.0
+    log(f"B10: collectd, the exporter with --source libvirt and with the default, {seconds:g} s each")
+    runs = {
+        "collectd": peers.collectd_run(URI, names, seconds, interval),
+        "exporter --source libvirt":
+            peers.exporter_run(CLI, free_port(), names, seconds, interval, "libvirt"),
+        "exporter (default --source both)": peers.exporter_run(CLI, free_port(), names, seconds, interval),
+    }
+    cost = {name: peers.per_domain_cycle(run, len(names), interval) for name, run in runs.items()}
+    detail = {name: {**{k: v for k, v in run.items() if k != "times"},
+                     "cpu_per_domain_cycle_ms": cost[name] * 1000} for name, run in runs.items()}
+    for name, target in (("exporter --source libvirt", 0.6), ("exporter (default --source both)", 1.0)):
+        ratio = cost[name] / cost["collectd"]
+        report.add("B10", f"host CPU per domain-cycle, {name} over collectd", ratio, "x", f"<= {target}x",
+                   ratio <= target, detail)
+    length = peers.STOP_AFTER + peers.STOP_SECONDS + 2 * interval
+    log(f"B11: collectd and the exporter, one of {len(names)} QEMUs stopped for {peers.STOP_SECONDS:g} s")
+    healthy = [n for n in names if n != hung]
+    stop_pid = int(Path(f"/run/libvirt/qemu/{hung}.pid").read_text())
+    stalled = {
+        "collectd": peers.collectd_run(URI, names, length, interval, stop=stop_pid),
+        "exporter": peers.exporter_run(CLI, free_port(), names, length, interval, stop=stop_pid),
+    }
+    worst = {name: max(peers.gaps(run, healthy).values()) for name, run in stalled.items()}
+    timeout = interval  # the exporter's default --timeout: its interval
+    report.add("B11", "longest gap in a healthy domain's figures, the exporter", worst["exporter"], " s",
+               f"<= {interval + timeout:g} s", worst["exporter"] <= interval + timeout,
+               {"window": stalled["exporter"]["window"]})
+    report.add("B11", "the same, collectd's virt plugin", worst["collectd"], " s",
+               detail={key: stalled["collectd"][key] for key in ("window", "slow_reads", "errors")})
 
 
 if __name__ == "__main__":
