@@ -12,8 +12,10 @@ interval, each for the same time:
 - **B11, a stopped QEMU.** One QEMU is SIGSTOPped for 40 s (SIGCONT in a
   ``finally``). The longest gap between two readings of any *other* domain
   is measured from each tool's own output: collectd's csv lines, and the
-  exporter's ``virt_balloon_status{status="ok"}`` at each new
-  ``virt_balloon_cycle_timestamp_seconds`` (scraped every 0.5 s).
+  exporter's ``virt_balloon_status`` at each new
+  ``virt_balloon_cycle_timestamp_seconds`` (scraped every 0.5 s): a domain
+  was read in a cycle unless its status was ``unresponsive`` or
+  ``unreachable``.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def collectd_times(csv: Path) -> Dict[str, List[float]]:
         for line in path.read_text().splitlines()[1:]:
             with contextlib.suppress(ValueError):
                 seen.append(float(line.split(",", 1)[0]))
-    return {domain: sorted(set(t)) for domain, t in times.items()}
+    # One reading writes several files within the same second.
+    return {domain: sorted({round(x) for x in t}) for domain, t in times.items()}
 
 
 def collectd_run(uri: str, names: Sequence[str], seconds: float, interval: float,
@@ -190,7 +193,7 @@ _LINE = re.compile(r'^virt_balloon_status\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
 
 def exporter_run(cli: str, port: int, names: Sequence[str], seconds: float, interval: float,
                  source: Optional[str] = None, stop: Optional[int] = None) -> Dict[str, Any]:
-    """The exporter over ``names`` for ``seconds``, scraped every 0.5 s for each cycle's ok domains."""
+    """The exporter over ``names`` for ``seconds``, scraped every 0.5 s for the domains each cycle read."""
     argv = [cli, "exporter", "--listen", f"127.0.0.1:{port}", "--interval", f"{interval:g}"]
     proc = subprocess.Popen([*argv, *(["--source", source] if source else []), *names],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -210,7 +213,11 @@ def exporter_run(cli: str, port: int, names: Sequence[str], seconds: float, inte
         last[0] = float(stamp.group(1))
         for line in text.splitlines():
             match = _LINE.match(line)
-            if match and 'status="ok"' in match["labels"] and float(match["value"]) == 1:
+            status = re.search(r'status="([^"]*)"', match["labels"]) if match else None
+            # Read this cycle: any status but the two that say QEMU or libvirt did not answer. The
+            # no-OS domains never have guest figures ("never"), yet their QEMU answered.
+            if match and status and status.group(1) not in ("unresponsive", "unreachable") \
+                    and float(match["value"]) == 1:
                 domain = re.search(r'domain="([^"]*)"', match["labels"])
                 if domain:
                     times.setdefault(domain.group(1), []).append(last[0])
