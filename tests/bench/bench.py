@@ -20,6 +20,7 @@ B8  the same against ``virsh dommemstat``
 B9  ``stats --all --timeout 5`` with one QEMU stopped
 B10 host CPU per domain-cycle, the exporter over Debian's collectd (virt plugin), same domains and interval
 B11 with one QEMU stopped for 40 s, the longest gap in any other domain's figures: the exporter's, collectd's
+B12 scale: the steady cycle at 100 domains over N, and the exporter's peak RSS at 100
 B13 a collector cycle recorded in a history file (``exporter --history``) against one not
 B14 ``advise --all`` over 8 days of history a domain, scaled to 100 domains
 """
@@ -332,6 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=15, help="repetitions of each timed measurement (15)")
     parser.add_argument("--exporter-seconds", type=float, default=60.0, help="length of B6 (60)")
     parser.add_argument("--peer-seconds", type=float, default=60.0, help="length of each B10 run (60)")
+    parser.add_argument("--scale", type=int, default=100, help="domains in all for B12 (100)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (it starts libvirtd and creates domains)")
@@ -459,6 +461,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "<= 5.5 s", good, {"others_read": len(read), "stopped_status": hung_status})
 
         peer_rows(report, names, args.peer_seconds, hung)
+        scale_rows(report, names, args.scale, args.runs, args.exporter_seconds)
 
     print(f"virt_balloon_stats benchmarks: libvirt {env['libvirt_text']}, QEMU {env['qemu_text']}, "
           f"guests under TCG, {env['cpus']} CPUs, median of {args.runs}")
@@ -470,6 +473,64 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"targets missed: {', '.join(report.missed)}")
         return 1
     return 0
+
+
+def qemu_rss_mb(name: str) -> float:
+    """The resident memory of a domain's QEMU, MB."""
+    pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no MemAvailable")
+
+
+def scale_rows(report: "Report", names: Sequence[str], total: int, runs: int, seconds: float) -> None:
+    """B12: more no-OS domains up to ``total``; the steady cycle over N's, and the exporter's RSS.
+
+    What the QEMUs need is measured first, on the no-OS domains running: the
+    run stops before creating more if they would take over half the memory
+    the host has available.
+    """
+    from virt_balloon_stats.collector import Collector
+
+    light = [n for n in names if n.startswith(f"{PREFIX}n")]
+    per_qemu = statistics.median(qemu_rss_mb(n) for n in light)
+    more = [f"{PREFIX}m{i:03d}" for i in range(total - len(names))]
+    need, have = per_qemu * len(more), mem_available_mb()
+    report.add("B12", "a no-OS domain's QEMU, resident memory", per_qemu, " MB",
+               detail={"more_domains": len(more), "need_mb": need, "available_mb": have})
+    if need > have / 2:
+        raise SystemExit(f"bench: {len(more)} more QEMUs need about {need:.0f} MB, over half of the "
+                         f"{have:.0f} MB available; give a smaller --scale")
+    log(f"B12: {len(more)} more no-OS domains ({need:.0f} MB of the {have:.0f} MB available)")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(lambda n: testbed("create", "noos", "--name", n), more))
+        every = [*names, *more]
+        with Collector([URI], domains=every, events=True) as big, \
+                Collector([URI], domains=list(names), events=True) as base:
+            for warm in (big, base, big, base):
+                warm.collect()
+            times = interleaved(runs, big=steady(big), base=steady(base))
+        growth = statistics.median(times["big"]) / statistics.median(times["base"])
+        # At most 8 % over linear: 3.6x for 100 domains over 30 (linear, 3.33x).
+        linear = len(every) / len(names)
+        report.add("B12", f"steady cycle N={len(every)} over N={len(names)}", growth, "x",
+                   f"<= {1.08 * linear:.1f}x", growth <= 1.08 * linear,
+                   {"big": summary(times["big"]), "base": summary(times["base"]), "linear": linear})
+        log(f"B12: the exporter over {len(every)} domains for {seconds:g} s")
+        run = exporter_run(every, seconds, 5.0)
+        report.add("B12", f"exporter peak RSS, N={len(every)}", run["peak_rss_mb"], " MB", "<= 70 MB",
+                   run["peak_rss_mb"] <= 70, run)
+    finally:
+        subprocess.run([str(TESTBED), "destroy", *more], capture_output=True, timeout=600)
 
 
 def peer_rows(report: "Report", names: Sequence[str], seconds: float, hung: str) -> None:
