@@ -17,14 +17,14 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Set, TextIO, Tuple, cast
 
-from virt_balloon_stats.advice import Policy
 from virt_balloon_stats.client import DEFAULT_TIMEOUT, BalloonStats
 from virt_balloon_stats.errors import BalloonStatsError
 from virt_balloon_stats.host import Guest, default_uri
 from virt_balloon_stats.sample import SOURCES
 from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS
 
-if TYPE_CHECKING:  # imported where used: a one-domain reading needs no collector
+if TYPE_CHECKING:  # imported where used: a one-domain reading needs no collector, nor the advice
+    from virt_balloon_stats.advice import Policy
     from virt_balloon_stats.ballooning import Ballooner, Outcome
     from virt_balloon_stats.collector import Collector, Cycle
 
@@ -355,6 +355,8 @@ def spell_duration(seconds: float) -> str:
 
 def add_policy(parser: argparse.ArgumentParser) -> None:
     """``--window`` and ``--min-history``: the advice's knobs a user sets (``advise``, ``exporter``)."""
+    from virt_balloon_stats.advice import Policy
+
     defaults = Policy()
     parser.add_argument(
         "--window",
@@ -374,7 +376,7 @@ def add_policy(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def policy_of(args: argparse.Namespace) -> Policy:
+def policy_of(args: argparse.Namespace) -> "Policy":
     """The advice policy of :func:`add_policy`'s options.
 
     :raise UsageError: When no domain could ever have enough history.
@@ -384,6 +386,8 @@ def policy_of(args: argparse.Namespace) -> Policy:
             f"--min-history {spell_duration(args.min_history)} is longer than --window "
             f"{spell_duration(args.window)}: no domain could ever have enough history"
         )
+    from virt_balloon_stats.advice import Policy
+
     return Policy(window_seconds=args.window, min_history_seconds=args.min_history)
 
 
