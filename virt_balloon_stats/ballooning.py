@@ -9,8 +9,9 @@ builds the stepper's view:
 - freshness and pause from the cycle's sample (status ``ok``): a stopped,
   unresponsive or stale QEMU is left alone without another call to it;
 - for a fresh one only, the advice (:func:`~virt_balloon_stats.advising.advise_guest`:
-  the history, and one ``XMLDesc`` for the balloon size) and ``jobInfo``
-  (a migration, a save or a dump: never step under a job);
+  the history, and one ``XMLDesc`` for the balloon size; made again every
+  ``advise_every``, 10 minutes) and ``jobInfo`` (a migration, a save or a
+  dump: never step under a job);
 - the ceiling: ``--max``, else the balloon size when stepping began,
   remembered in the history file, else the size now;
 - the counters and available memory the pressure feedback reads.
@@ -41,7 +42,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from virt_balloon_stats.advice import COUNTERS, MiB, Policy
+from virt_balloon_stats.advice import COUNTERS, Advice, MiB, Policy
 from virt_balloon_stats.advising import advise_guest
 from virt_balloon_stats.errors import (
     NEEDS_PROMETHEUS_CLIENT,
@@ -73,6 +74,9 @@ if TYPE_CHECKING:
 __all__ = ["Outcome", "Ballooner", "News", "call_of"]
 
 LOG = logging.getLogger(__name__)
+
+#: How long a domain's advice is used before it is made again (``--advise-every``; see ``_advice_of``).
+DEFAULT_ADVISE_EVERY_SECONDS = 600.0
 
 #: The QEMU names of the counters the pressure feedback reads.
 _COUNTER_NAMES = tuple(spec.qemu for spec in COUNTERS.values())
@@ -147,8 +151,6 @@ class _Pending:
     decision: Decision
     actual: Optional[int]
     before: Optional[Memory]
-    status: str
-    message: str
     note: Optional[str] = None  # why it could not be judged
 
 
@@ -166,6 +168,7 @@ class Ballooner:
     :param target_host_available: ``--target-host-available``, bytes
         (see :func:`~virt_balloon_stats.stepping.plan`).
     :param max_total: ``--max-total``: bytes this Ballooner may take back in all.
+    :param advise_every: Seconds a domain's advice is used before it is made again.
     :param clock: Epoch seconds.
     """
 
@@ -180,6 +183,7 @@ class Ballooner:
         maximum: Optional[int] = None,
         target_host_available: Optional[int] = None,
         max_total: Optional[int] = None,
+        advise_every: float = DEFAULT_ADVISE_EVERY_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in (("--max", maximum), ("--target-host-available", target_host_available),
@@ -195,6 +199,11 @@ class Ballooner:
         self._target = target_host_available
         self._max_total = max_total
         self._clock = clock
+        if not advise_every > 0:
+            raise InvalidArgument(f"advice must be remade every more than 0 seconds, not {advise_every!r}")
+        self._advise_every = advise_every
+        #: Per domain UUID: when its advice was made, for which run of it (its id), and the advice.
+        self._advised: Dict[str, Tuple[float, Optional[int], Advice]] = {}
         #: Bytes taken back so far (what ``--max-total`` bounds).
         self.taken = 0
         #: Steps made, by (direction, reason): ``up`` or ``down``, ``advice`` or ``pressure``.
@@ -233,16 +242,18 @@ class Ballooner:
         for sample in cycle.samples:
             guest = self._collector.guest(sample.uri, sample.uuid)
             memory = memories.get(sample.uuid)
-            entry = _Pending(sample.uri, guest, _none(sample, "", memory), sample.actual_bytes, memory,
-                             sample.status.value, sample.message)
+            reason = f"left alone: {sample.status.value}: {sample.message}".rstrip(": ")
+            entry = _Pending(sample.uri, guest, _none(sample, reason, memory), sample.actual_bytes, memory)
             pending.append(entry)
             if sample.uuid in damaged:
                 entry.note = damaged[sample.uuid]
             elif guest is None:
                 entry.note = "the collector no longer holds it"
+            elif sample.status is not Status.OK or sample.stats is None:
+                continue  # stopped, unresponsive, stale, paused: no call to it, and no place in the plan
             else:
                 try:
-                    view = self._view(sample, guest, memory)
+                    view = self._view(sample, guest, memory, now)
                 except HistoryError:
                     raise
                 except BalloonStatsError as err:
@@ -268,37 +279,41 @@ class Ballooner:
             decisions = plan(host_views, {v.uuid: memories.get(v.uuid, Memory()) for v in host_views},
                              self._policy, now, host_available=available, target_host_available=self._target,
                              max_total=self._max_total, taken=self.taken + planned, advice=self._advice)
-            for decision, view in zip(decisions, host_views):
-                entry = judged[(uri, decision.uuid)]
-                if not view.fresh:
-                    decision = dataclasses.replace(
-                        decision, reason=f"left alone: {entry.status}: {entry.message}".rstrip(": ")
-                    )
-                entry.decision = decision
+            for decision in decisions:
+                judged[(uri, decision.uuid)].decision = decision
         return pending
 
-    def _view(self, sample: "Sample", guest: "Guest", memory: Optional[Memory]) -> View:
-        """The stepper's view of one domain; libvirt is asked only about a fresh one.
+    def _view(self, sample: "Sample", guest: "Guest", memory: Optional[Memory], now: float) -> View:
+        """The stepper's view of a domain whose figures are fresh: its advice and its job asked of libvirt.
 
         :raise BalloonStatsError: When libvirt cannot describe it, or its advice cannot be made.
         """
-        fresh = sample.status is Status.OK and sample.stats is not None
-        if not fresh:
-            actual = sample.actual_bytes or 0
-            return View(sample.uuid, sample.domain, False, sample.state == "paused", False, actual, actual,
-                        None, 0.0)
-        advised = advise_guest(guest, sample.uri, self._history.points, self._advice, self._clock()).advice
+        advised = self._advice_of(sample, guest, now)
         actual = sample.actual_bytes if sample.actual_bytes is not None else advised.actual
         ceiling = self._maximum
         if ceiling is None:
             ceiling = memory.ceiling if memory is not None and memory.ceiling is not None else advised.actual
         return View(
-            uuid=sample.uuid, name=sample.domain, fresh=True, paused=sample.state == "paused",
+            uuid=sample.uuid, name=sample.domain, fresh=True, paused=False,
             migrating=guest.job_active(), actual=actual, ceiling=ceiling, recommended=advised.recommended,
             confidence=advised.confidence, total=sample.get("stat-total-memory"),
             available=sample.get("stat-available-memory"),
             counters={name: sample.get(name) for name in _COUNTER_NAMES},
         )
+
+    def _advice_of(self, sample: "Sample", guest: "Guest", now: float) -> Advice:
+        """The domain's advice, made again only every ``advise_every`` (or when the domain restarted).
+
+        Judging a domain reads its whole window from the history and its XML
+        from libvirt (B14: some 13 ms of CPU a domain with 8 days), where a
+        pass is due every minute; the advice moves with daily peaks, and
+        pressure is read from each pass's own figures, not from it.
+        """
+        cached = self._advised.get(sample.uuid)
+        if cached is None or cached[1] != sample.id or not 0 <= now - cached[0] < self._advise_every:
+            advised = advise_guest(guest, sample.uri, self._history.points, self._advice, now).advice
+            cached = self._advised[sample.uuid] = (now, sample.id, advised)
+        return cached[2]
 
     def _carry_out(self, entry: _Pending, now: float) -> Outcome:
         decision = entry.decision

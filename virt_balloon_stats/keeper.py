@@ -12,9 +12,10 @@ a domain reads its whole window (up to 7,400 points), some 13 ms of CPU a
 domain with 8 days of history (``tox -e bench``, B14), where a cycle
 costs the exporter about 0.6 ms a domain (B6). Collecting every 15 s, a
 refresh every 5 minutes would double the exporter's CPU; every hour adds
-about 9 %, as much as recording each cycle (B13). ``advise`` gives the advice of the moment. Both run in the
-collector's thread, between cycles, so the history has one writer thread
-and the advice reads the domains the collector already holds
+about 9 %, as much as recording each cycle (B13). ``advise`` gives the
+advice of the moment. Both run in the collector's thread, between cycles,
+so the history has one writer thread and the advice reads the domains the
+collector already holds
 (:meth:`Collector.guest <virt_balloon_stats.collector.Collector.guest>`: no
 lookup, one ``XMLDesc`` each); a scrape only reads the last answers.
 """

@@ -78,7 +78,9 @@ class Guests:
 
 
 @pytest.fixture(scope="module")
-def guests(tmp_path_factory: Any) -> Iterator[Guests]:
+def guests(libvirt_conn: Any, tmp_path_factory: Any) -> Iterator[Guests]:
+    """The two guests and their history; ``libvirt_conn`` fails the module under CI=true when the
+    testbed cannot be reached (and skips it elsewhere), as every integration test does."""
     domains = Domains()
     tmp = tmp_path_factory.mktemp("balloon")
     history = tmp / "history.sqlite"

@@ -382,3 +382,29 @@ def test_what_is_no_size_is_refused(text):
 
     with pytest.raises(argparse.ArgumentTypeError):
         parse(text)
+
+
+def test_the_advice_is_made_again_only_every_advise_every_or_after_a_restart(harness):
+    """Judging a domain reads its window and its XML: once per advise_every, not every pass."""
+    ballooner = harness.ballooner(apply=False, advise_every=600.0)
+
+    def xml_calls() -> int:
+        return sum(1 for call, _ in harness.domain.calls if call == "XMLDesc")
+
+    one(harness, ballooner)
+    made = xml_calls()
+    harness.now += 599
+    one(harness, ballooner)
+    assert xml_calls() == made, "within advise_every the advice is reused"
+    harness.now += 2
+    one(harness, ballooner)
+    assert xml_calls() == made + 1
+    with pytest.raises(InvalidArgument):
+        harness.ballooner(advise_every=0)
+
+
+def test_the_balloon_commands_default_advise_every_is_the_ballooners():
+    from virt_balloon_stats.ballooning import DEFAULT_ADVISE_EVERY_SECONDS
+    from virt_balloon_stats.cli.long_running import _BALLOON_ADVISE_EVERY
+
+    assert _BALLOON_ADVISE_EVERY == DEFAULT_ADVISE_EVERY_SECONDS

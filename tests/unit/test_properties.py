@@ -1214,6 +1214,7 @@ def _cli_options() -> Dict[str, Dict[str, Any]]:
         "balloon": {
             **reading,
             **stepping,
+            "--advise-every": DURATIONS,
             "--interval": SECONDS,
             "--count": SECONDS,
             "--history": st.sampled_from(HISTORIES),

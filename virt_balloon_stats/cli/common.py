@@ -555,17 +555,18 @@ def ballooner_of(run: Run, collector: "Collector") -> Iterator["Ballooner"]:
     if args.step_max < 2**20:
         raise UsageError("--step-max must be at least 1M: a balloon moves in whole MiB")
     with History.open(args.history or HISTORY_PATH, writer=False, stepper=args.yes) as history:
+        options = {"advise_every": args.advise_every} if hasattr(args, "advise_every") else {}
         yield Ballooner(collector, history, advice, policy, apply=args.yes, maximum=args.max,
-                        target_host_available=args.target_host_available, max_total=args.max_total)
+                        target_host_available=args.target_host_available, max_total=args.max_total, **options)
 
 
 def tell(run: Run, ballooner: "Ballooner", outcomes: List["Outcome"]) -> None:
     """Each outcome as a line (a JSON line with ``--format json``), then the counters to ``--textfile``."""
     args = run.args
+    import json
+
     for outcome in outcomes:
         if args.format == "json":
-            import json
-
             run.write(json.dumps(outcome.to_dict()))
         else:
             run.write(outcome.line(show_uri=run.several_hosts))

@@ -54,6 +54,8 @@ _EXPORTER_PORT = 9474
 #: ``keeper.DEFAULT_ADVISE_EVERY_SECONDS``, which a unit test checks: the
 #: parser does not import the advice for a help text).
 _ADVISE_EVERY = 3600.0
+#: ``balloon``'s (``ballooning.DEFAULT_ADVISE_EVERY_SECONDS``, checked likewise).
+_BALLOON_ADVISE_EVERY = 600.0
 
 
 def cmd_watch(run: Run) -> int:
@@ -440,4 +442,12 @@ def add_parsers(command: AddCommand) -> None:
     )
     add_timeout(p, None)
     add_policy(p)
+    p.add_argument(
+        "--advise-every",
+        type=duration,
+        default=_BALLOON_ADVISE_EVERY,
+        metavar="D",
+        help="how long a domain's advice is used before it is made again from the history; pressure is "
+        f"read every pass (default: {spell_duration(_BALLOON_ADVISE_EVERY)})",
+    )
     add_stepping(p, long_running=True)
