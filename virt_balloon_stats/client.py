@@ -21,6 +21,7 @@ Many domains at once are the collector's, one layer up: the package's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
@@ -37,7 +38,8 @@ from virt_balloon_stats.host import DomainRecord, Guest, Host
 from virt_balloon_stats.polling import PollingState, validate_interval
 from virt_balloon_stats.qmp import POLLING_PROPERTY
 from virt_balloon_stats.qompath import QOMPath, QOMPathCache, by_alias
-from virt_balloon_stats.reading import DomainMemo, Identity, LibvirtSide, Reading, crosscheck_same_update
+from virt_balloon_stats.reading import NOT_THIS_TURN, DomainMemo, Identity, LibvirtSide, Reading
+from virt_balloon_stats.reading import crosscheck_same_update
 from virt_balloon_stats.reading import interval_seconds, shortened, within
 from virt_balloon_stats.sample import SOURCES, Sample, not_read, unanswered
 from virt_balloon_stats.stats import (
@@ -334,6 +336,7 @@ class BalloonStats:
         source: str = "both",
         *,
         memo: Optional[DomainMemo] = None,
+        crosscheck: bool = True,
     ) -> Reading:
         """The first half of :meth:`sample`: everything asked of QEMU, nothing of libvirt's figures.
 
@@ -343,14 +346,19 @@ class BalloonStats:
         half, so it is never part of the bulk call (which it would block).
         Never raises for a domain's failure: it is kept for :meth:`finish_sample`.
 
+        :param crosscheck: With ``both``: ``False`` reads libvirt's state
+            only, not its figures, and takes the balloon size from ``memo``
+            (kept up to date by libvirt's events), so QEMU is asked once and
+            libvirt's monitor not at all. Ignored while ``memo`` has no
+            balloon size yet.
         :raise InvalidArgument: For an unknown source.
         :raise DomainNotFound: When a name does not match.
         """
         if source not in SOURCES:
             raise InvalidArgument(f"unknown source {source!r}; use one of: {', '.join(SOURCES)}")
         guest = self.guest(ref)
-        reading = Reading(guest, source, memo if memo is not None else DomainMemo())
-        memo = reading.memo
+        memo = memo if memo is not None else DomainMemo()
+        reading = Reading(guest, source, memo, compare=crosscheck or memo.actual_kib is None)
         try:
             if memo.device is None:
                 memo.device = self.balloon_device(guest)
@@ -428,19 +436,28 @@ class BalloonStats:
             )
         path, stats = reading.path, reading.stats
         assert path is not None
-        maybe_stats = side.stats() if use_libvirt else None
+        compare = use_libvirt and reading.compare
+        maybe_stats = side.stats() if compare else None
         state = side.state()
         # libvirt's own balloon size (kept exact from QEMU's BALLOON_CHANGE
-        # events) stands in for query-balloon between refreshes.
-        current = maybe_stats.get(ACTUAL.libvirt or "") if maybe_stats else None
+        # events) stands in for query-balloon between refreshes: from the
+        # bulk record, or, in a turn without libvirt's figures, as the memo
+        # last learnt it (the collector applies the same events to it).
+        if maybe_stats:
+            current = maybe_stats.get(ACTUAL.libvirt or "")
+        else:
+            current = memo.actual_kib if use_libvirt else None
         if reading.refreshed or current is None:
             actual: int = self.qmp.query_balloon(guest)
             checked_actual: Optional[int] = actual
+            current = ACTUAL.to_libvirt(actual)
         else:
             actual, checked_actual = ACTUAL.from_libvirt(current), None
+        if use_libvirt:
+            memo.actual_kib = current
         check = skipped("source is qmp; the cross-check needs both")
         libvirt_stats: Optional[Mapping[str, int]] = None
-        if use_libvirt:
+        if compare:
             path, stats, libvirt_stats, check = crosscheck_same_update(
                 path,
                 stats,
@@ -449,7 +466,12 @@ class BalloonStats:
                 reread=lambda: self._reread_stats(guest, device),
                 libvirt=guest.memory_stats,
             )
+        elif use_libvirt:
+            check = skipped(NOT_THIS_TURN, previous=memo.last_check)
         now = self.clock()
+        if compare:
+            check = dataclasses.replace(check, at=now)
+            memo.compared(check)
         status, message = self._classify(state, memo.interval, stats, now)
         if not reading.refreshed and (
             status is not memo.status or shortened(memo.last_update, stats.last_update, memo.interval)

@@ -80,11 +80,28 @@ class CrossCheck:
 
     :ivar checks: One entry per compared figure (empty unless conclusive).
     :ivar reason: Why the result is inconclusive or skipped, else ``""``.
+    :ivar at: Epoch seconds when the figures were compared (``None`` when they were not).
+    :ivar previous: For a domain skipped in its turn (a collector compares
+        each domain only every few cycles), its last conclusive cross-check:
+        what was found then, about the figures of then. Never a verdict on
+        this reading's figures, which were not compared.
     """
 
     result: Result
     checks: Tuple[StatCheck, ...] = ()
     reason: str = ""
+    at: Optional[float] = None
+    previous: Optional["CrossCheck"] = None
+
+    @property
+    def conclusive(self) -> bool:
+        """Whether the figures were compared to a verdict (agree or mismatch)."""
+        return self.result in (Result.AGREE, Result.MISMATCH)
+
+    @property
+    def last_conclusive(self) -> Optional["CrossCheck"]:
+        """This cross-check if conclusive, else the earlier one it carries (if any)."""
+        return self if self.conclusive else self.previous
 
     @property
     def mismatches(self) -> Tuple[StatCheck, ...]:
@@ -105,18 +122,22 @@ class CrossCheck:
 
     def to_dict(self) -> Dict[str, Any]:
         """The ``crosscheck`` member of the JSON document."""
-        return {
+        document: Dict[str, Any] = {
             "result": self.result.value,
             "checked": self.checked,
             "mismatches": [c.to_dict() for c in self.mismatches],
             "qmp_only": [c.stat for c in self.checks if c.verdict is Verdict.QMP_ONLY],
             "reason": self.reason,
+            "at": None if self.at is None else round(self.at, 3),
         }
+        if self.previous is not None:
+            document["previous"] = self.previous.to_dict()
+        return document
 
 
-def skipped(reason: str) -> CrossCheck:
-    """A cross-check that was not attempted, and why."""
-    return CrossCheck(result=Result.SKIPPED, reason=reason)
+def skipped(reason: str, previous: Optional[CrossCheck] = None) -> CrossCheck:
+    """A cross-check that was not attempted, and why (with the last conclusive one, if any)."""
+    return CrossCheck(result=Result.SKIPPED, reason=reason, previous=previous)
 
 
 def _check(

@@ -151,6 +151,9 @@ def render_stats(samples: Sequence[Sample], *, raw_bytes: bool = False, show_uri
             verdict = f"{cc.result.value}" + (f", {cc.checked} figures compared" if cc.checked else "")
             if cc.reason:
                 verdict += f" ({cc.reason})"
+            if cc.previous is not None and cc.previous.at is not None:
+                ago = format_age(max(0.0, s.sampled_at - cc.previous.at))
+                verdict += f"; last compared {ago} ago: {cc.previous.result.value}"
             lines.append(f"  Cross-check: {verdict}")
             if s.status is not Status.NO_BALLOON:
                 table = render_table(("QEMU", "VALUE", "LIBVIRT", "VALUE", "CHECK"), _stat_rows(s, raw_bytes))

@@ -135,10 +135,21 @@ def _domain_metrics(families: _Families, s: Sample) -> None:
         families.gauge(
             f"{PREFIX}_polling_interval_seconds", "guest-stats polling interval, 0 = disabled", _DOMAIN_LABELS
         ).add_metric(ids, interval)
-    if s.crosscheck.checked:
+    # A collector compares each domain in turn: between turns the series
+    # carry the last comparison, and its time says how old it is.
+    check = s.crosscheck.last_conclusive
+    if check is not None and check.checked:
         families.gauge(
-            f"{PREFIX}_crosscheck_mismatches", "figures where QEMU and libvirt disagree", _DOMAIN_LABELS
-        ).add_metric(ids, len(s.crosscheck.mismatches))
+            f"{PREFIX}_crosscheck_mismatches",
+            "figures where QEMU and libvirt disagreed at the domain's last comparison",
+            _DOMAIN_LABELS,
+        ).add_metric(ids, len(check.mismatches))
+        if check.at is not None:
+            families.gauge(
+                f"{PREFIX}_crosscheck_timestamp_seconds",
+                "epoch seconds of the domain's last comparison of QEMU's and libvirt's figures",
+                _DOMAIN_LABELS,
+            ).add_metric(ids, round(check.at, 3))
     families.gauge(
         f"{PREFIX}_sample_timestamp_seconds", "epoch seconds when this domain was read", _DOMAIN_LABELS
     ).add_metric(ids, round(s.sampled_at, 3))

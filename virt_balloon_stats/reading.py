@@ -34,6 +34,7 @@ from virt_balloon_stats.stats import (
 
 __all__ = [
     "CROSSCHECK_ATTEMPTS",
+    "NOT_THIS_TURN",
     "DomainMemo",
     "Reading",
     "LibvirtSide",
@@ -46,6 +47,9 @@ __all__ = [
 
 #: How many times to re-read both sides when the guest answered in between.
 CROSSCHECK_ATTEMPTS = 3
+
+#: Why a reading of a domain not due for its cross-check has none.
+NOT_THIS_TURN = "not compared this cycle: the domains take turns"
 
 _T = TypeVar("_T")
 
@@ -68,6 +72,38 @@ class DomainMemo:
     refresh_due: float = 0.0
     status: Optional[Status] = None
     last_update: Optional[int] = None
+    #: libvirt's balloon size in KiB as last learnt: from a bulk record or
+    #: ``query-balloon``, and between them from libvirt's ``BALLOON_CHANGE``
+    #: events (the collector hands them on), which is how libvirt itself
+    #: keeps it.
+    actual_kib: Optional[int] = None
+    #: The last conclusive cross-check, shown beside a reading not compared.
+    last_check: Optional[CrossCheck] = None
+    #: Readings to go before the next comparison; 0: the next one compares.
+    compare_in: int = 0
+
+    def due(self, every: int, phase: int) -> bool:
+        """Whether this reading is the domain's turn to be cross-checked (one in ``every``).
+
+        The first reading of an incarnation always compares. The next turn
+        comes ``phase % every`` readings later, then one in ``every``: with
+        ``phase`` the domain's place on its host, each cycle compares about
+        1/``every`` of the domains rather than all of them every
+        ``every`` cycles. A reading that was not conclusive (or found a
+        mismatch) makes the next one due at once (:meth:`compared`).
+        """
+        if every <= 1 or self.compare_in <= 0 or self.last_check is None:
+            self.compare_in = (phase % every) if self.last_check is None else every - 1
+            return True
+        self.compare_in -= 1
+        return False
+
+    def compared(self, check: CrossCheck) -> None:
+        """Remember a comparison: kept if conclusive; anything but agreement is compared again next time."""
+        if check.conclusive:
+            self.last_check = check
+        if check.result is not Result.AGREE:
+            self.compare_in = 0
 
 
 def shortened(before: Optional[int], after: Optional[int], interval: Optional[int]) -> bool:
@@ -92,10 +128,18 @@ class Reading:
     guest: Guest
     source: str
     memo: DomainMemo
+    #: Whether libvirt's figures are read and compared (``both``), or the
+    #: domain is not due this cycle and libvirt gives only its state.
+    compare: bool = True
     refreshed: bool = False
     path: Optional[QOMPath] = None
     stats: Optional[GuestStats] = None
     error: Optional[BalloonStatsError] = None
+
+    @property
+    def libvirt_figures(self) -> bool:
+        """Whether this reading needs libvirt's balloon figures (else only the state)."""
+        return self.source == "libvirt" or (self.source == "both" and self.compare)
 
 
 class LibvirtSide:

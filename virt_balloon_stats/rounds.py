@@ -97,10 +97,10 @@ Work = Tuple[DomainSlot, Union[Sample, "concurrent.futures.Future[Union[Reading,
 
 
 def read_then_join(
-    client: BalloonStats, slot: DomainSlot, bulk: "BulkRound", source: str
+    client: BalloonStats, slot: DomainSlot, bulk: "BulkRound", source: str, compare: bool = True
 ) -> Union[Reading, Sample]:
     """In a worker: read QEMU; join the bulk call, or finish alone when the round has closed."""
-    reading = client.begin_sample(slot.guest, source, memo=slot.memo)
+    reading = client.begin_sample(slot.guest, source, memo=slot.memo, crosscheck=compare)
     if reading.error is None and bulk.join(reading):
         return reading
     return client.finish_sample(reading)
@@ -117,13 +117,24 @@ class BulkCalls:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._pool = WorkerPool(limit, limit, name="vbs-bulk")
+        # State-only calls take no job and never reach a monitor, so a
+        # stopped QEMU cannot hold one: they are not counted against ``limit``.
+        self._states = WorkerPool(1, limit, name="vbs-bulk-state")
         self._pending: "List[concurrent.futures.Future[Dict[str, DomainRecord]]]" = []
         self._lock = threading.Lock()
 
     def send(
         self, client: BalloonStats, guests: List[Guest], balloon: bool
     ) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
-        """Start one bulk call in a lane of its own; ``None`` when ``limit`` calls are still out."""
+        """Start one bulk call in a lane of its own; ``None`` when ``limit`` calls are still out.
+
+        Without ``balloon`` the call asks for the state alone, which libvirt
+        answers from its own definition: such calls always go.
+        """
+        if not balloon:
+            return self._states.submit(
+                client.host.leased, lambda: client.host.domain_records(guests, balloon=False)
+            )
         with self._lock:
             pending = [f for f in self._pending if not f.done()]
             if len(pending) >= self.limit:
@@ -138,6 +149,7 @@ class BulkCalls:
     def shutdown(self) -> None:
         """Let the threads go (a stuck one when its call returns)."""
         self._pool.shutdown()
+        self._states.shutdown()
 
 
 class BulkRound:
@@ -268,14 +280,17 @@ class BulkRound:
             return
         readings, self._waiting = self._waiting, []
         self._chunks = self._chunks[1:]
-        # None: libvirtd has not answered earlier bulk calls; ask per domain instead.
-        call = self._call([r.guest for r in readings]) or done({})
-        self._calls[call] = readings
-        # Registered, then watched: the collector's thread finds it when woken.
-        call.add_done_callback(lambda _call: self._wake.put(None))
-
-    def _call(self, guests: List[Guest]) -> "Optional[concurrent.futures.Future[Dict[str, DomainRecord]]]":
-        return self._bulk.send(self.client, guests, self._balloon)
+        # The domains due for their cross-check need libvirt's figures; the
+        # others only their state, in a call that never enters a monitor.
+        for balloon in (True, False):
+            group = [r for r in readings if (self._balloon and r.libvirt_figures) is balloon]
+            if not group:
+                continue
+            # None: libvirtd has not answered earlier bulk calls; ask per domain instead.
+            call = self._bulk.send(self.client, [r.guest for r in group], balloon) or done({})
+            self._calls[call] = group
+            # Registered, then watched: the collector's thread finds it when woken.
+            call.add_done_callback(lambda _call: self._wake.put(None))
 
     def _records(
         self, future: "concurrent.futures.Future[Dict[str, DomainRecord]]"

@@ -179,8 +179,22 @@ def test_steady_cycles_make_one_qmp_call_per_domain_and_no_xml_or_state(four_gue
     for cycle in cycles:
         assert set(by_name(cycle).values()) == {"ok"}
         assert cycle.calls.get("XMLDesc", 0) == 0 and cycle.calls.get("state", 0) == 0, cycle.calls
-        assert cycle.calls.get("domainListGetStats") == 1, cycle.calls
+        # One call for the domains due for their cross-check, one for the others' state.
+        assert cycle.calls.get("domainListGetStats") in (1, 2), cycle.calls
         assert "listAllDomains" not in cycle.calls and "lookupByName" not in cycle.calls
+        for s in cycle.samples:
+            # Compared (to a verdict, or inconclusive when the guest answered between the two
+            # reads), or not this turn, and then never called "agree".
+            assert s.crosscheck.result.value in ("agree", "inconclusive", "skipped"), s.crosscheck
+            if s.crosscheck.result.value == "skipped":
+                assert s.crosscheck.checked == 0 and s.libvirt is None
+                assert s.crosscheck.previous is not None and not s.crosscheck.previous.mismatches
+    compared = {name: 0 for name in four_guests}
+    for cycle in cycles:
+        for s in cycle.samples:
+            compared[s.domain] += s.crosscheck.result.value != "skipped"
+    # Five cycles, one in four compared: every domain at least once, none every time.
+    assert all(1 <= n <= 4 for n in compared.values()), compared
     monitor = sum(c.calls.get("qemuMonitorCommand", 0) for c in cycles)
     per_domain = monitor / (len(cycles) * len(four_guests))
     assert per_domain <= 1.1, [dict(c.calls) for c in cycles]
@@ -188,6 +202,30 @@ def test_steady_cycles_make_one_qmp_call_per_domain_and_no_xml_or_state(four_gue
     # guest answered between the QMP read and the bulk call.
     re_reads = sum(c.calls.get("memoryStats", 0) for c in cycles)
     assert re_reads <= len(cycles) * len(four_guests) // 4, re_reads
+
+
+def test_between_its_turns_a_domains_balloon_size_is_libvirts_after_a_setmem(four_guests):
+    """The size in a turn without libvirt's figures comes from libvirt's BALLOON_CHANGE events:
+    after ``virsh setmem`` it is what ``dommemstat`` says, not what it was before."""
+    guest = four_guests[0]
+    before = dommemstat(guest)["actual"]
+    target = before - 32 * 1024
+    with Collector([URI], domains=[guest], events=True, crosscheck_every=1000) as collector:
+        # The first reading compares, and so does the next (its turn, at phase 0); then none.
+        for _ in range(2):
+            assert collector.collect().samples[0].crosscheck.result.value in ("agree", "inconclusive")
+        try:
+            virsh("setmem", guest, f"{target}K", "--live")
+            wait_for(lambda: dommemstat(guest)["actual"] == target, timeout=60, what="the balloon to settle")
+            time.sleep(1.0)  # the last BALLOON_CHANGE event on its way
+            cycle = collector.collect()
+            [s] = cycle.samples
+            assert s.crosscheck.result.value == "skipped", s.crosscheck
+            assert s.actual_bytes == target * 1024 == dommemstat(guest)["actual"] * 1024
+            assert cycle.calls.get("qemuMonitorCommand") == 1, cycle.calls  # guest-stats only
+        finally:
+            virsh("setmem", guest, f"{before}K", "--live")
+            wait_for(lambda: dommemstat(guest)["actual"] == before, timeout=60, what="the balloon back")
 
 
 # -- churn -------------------------------------------------------------------------------------

@@ -104,3 +104,28 @@ def test_a_one_shot_command_imports_its_own_family_and_no_collector():
             "virt_balloon_stats.nagios",
         }
     )
+
+
+@pytest.mark.parametrize("command", ["watch", "stream", "record", "exporter", "balloon"])
+def test_long_running_commands_take_crosscheck_every_to_their_collector(command):
+    """``--crosscheck-every N`` reaches the collector; its default is the collector's own."""
+    import io as _io
+
+    from virt_balloon_stats.cli.common import CROSSCHECK_EVERY, Run
+    from virt_balloon_stats.collector import DEFAULT_CROSSCHECK_EVERY
+
+    assert CROSSCHECK_EVERY == DEFAULT_CROSSCHECK_EVERY
+    extra = ["--history", "/nonexistent/h.sqlite"] if command == "record" else []
+    for argv, every in (([], DEFAULT_CROSSCHECK_EVERY), (["--crosscheck-every", "2"], 2)):
+        args = build_parser().parse_args([command, *extra, *argv, "dom"])
+        assert args.crosscheck_every == every
+        with Run(args, _io.StringIO(), _io.StringIO()).collector(events=True) as collector:
+            assert collector.crosscheck_every == every
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "many"])
+def test_a_bad_crosscheck_every_is_a_usage_error(capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["exporter", "--crosscheck-every", value, "dom"])
+    assert exit_.value.code == 2
+    assert "--crosscheck-every" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from virt_balloon_stats.errors import ConnectionFailed, DomainNotFound, InvalidA
 from virt_balloon_stats.host import Host
 from virt_balloon_stats.metrics import render
 from virt_balloon_stats.qmp import POLLING_PROPERTY
+from virt_balloon_stats.reading import NOT_THIS_TURN
 from virt_balloon_stats.rounds import BULK_MIN_CHUNK, chunk_sizes
 from virt_balloon_stats.stats import Status
 from virt_balloon_stats.transport import QMPClient
@@ -1000,8 +1001,127 @@ def test_with_events_steady_cycles_do_not_list_domains():
     assert first.calls["listAllDomains"] == 1
     for cycle in cycles:
         assert "listAllDomains" not in cycle.calls
-        assert cycle.calls["domainListGetStats"] == 1
+        # One domain due for its cross-check (libvirt's figures), the other its state only.
+        assert cycle.calls["domainListGetStats"] == 2
         assert by_name(cycle) == _expected(names)
+
+
+# -- the cross-check in turns --------------------------------------------------------------
+
+STATE_ONLY = libvirt.VIR_DOMAIN_STATS_STATE
+WITH_FIGURES = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_BALLOON
+TURNS = ["virtio-hog", "nostats", "nodriver", "noos"]
+
+
+def _bulk_names(conn: Any, since: int = 0) -> Dict[int, List[str]]:
+    """The domains each kind of bulk call named, from call ``since`` on."""
+    named: Dict[int, List[str]] = {STATE_ONLY: [], WITH_FIGURES: []}
+    for doms, stats, _flags in conn.calls_to("domainListGetStats")[since:]:
+        named[stats].extend(d.name() for d in doms)
+    return named
+
+
+def test_with_events_each_domain_is_crosschecked_one_cycle_in_four():
+    """The first cycle compares every domain; then each one cycle in four, the domains taking
+    turns; the others' bulk call asks for their state only, and their samples say they were not
+    compared, with the last comparison beside it, never "agree"."""
+    opener = Opener(TURNS)
+    with _events_collector(opener) as collector:
+        first = collector.collect()
+        conn = opener.worlds[0].conn
+        assert sorted(_bulk_names(conn)[WITH_FIGURES]) == sorted(f"vbs-tb-rec-{n}" for n in TURNS)
+        assert _bulk_names(conn)[STATE_ONLY] == []
+        assert {s.crosscheck.result.value for s in first.samples} == {"agree"}
+        compared: Dict[str, int] = {s.domain: 0 for s in first.samples}
+        per_cycle = []
+        for _ in range(8):
+            before = len(conn.calls_to("domainListGetStats"))
+            cycle = collector.collect()
+            named = _bulk_names(conn, before)
+            due = {s.domain for s in cycle.samples if s.crosscheck.result.value == "agree"}
+            per_cycle.append(len(due))
+            assert set(named[WITH_FIGURES]) == due
+            assert set(named[STATE_ONLY]) == {s.domain for s in cycle.samples} - due
+            for s in cycle.samples:
+                if s.domain in due:
+                    compared[s.domain] += 1
+                    assert s.crosscheck.at == s.sampled_at
+                    continue
+                assert s.crosscheck.result.value == "skipped" and s.crosscheck.checked == 0
+                assert s.crosscheck.reason == NOT_THIS_TURN
+                assert s.crosscheck.previous is not None
+                assert s.crosscheck.previous.result.value == "agree"
+                assert s.crosscheck.previous.at is not None and s.crosscheck.previous.at <= s.sampled_at
+                assert s.libvirt is None
+            assert by_name(cycle) == _expected(TURNS)
+    assert compared == {d: 2 for d in compared}, "each domain compared twice in eight cycles"
+    assert max(per_cycle) <= 2, f"the turns bunch up: {per_cycle}"
+
+
+def test_a_turn_without_libvirts_figures_takes_the_balloon_size_from_libvirts_event():
+    """Between comparisons the size is libvirt's, as its BALLOON_CHANGE event told it (libvirt
+    keeps its own the same way), and QEMU is not asked for it (no query-balloon)."""
+    opener = Opener(["virtio-hog", "nostats"])
+    with _events_collector(opener) as collector:
+        w = None
+        results: List[str] = []
+        # Until a comparison after the first reading is followed by a turn without one: the
+        # next two turns are without too (the first comparison's next turn depends on the order).
+        while len(results) < 3 or results[-2:] != ["agree", "skipped"]:
+            assert len(results) < 8, results
+            cycle = collector.collect()
+            w = opener.worlds[0]
+            [s] = [s for s in cycle.samples if s.domain == "vbs-tb-rec-virtio-hog"]
+            results.append(s.crosscheck.result.value)
+        assert w is not None
+        dom = _dom(w, "virtio-hog")
+        before = s.actual_bytes
+        assert before is not None
+        queried = len(w.transport.commands("query-balloon"))
+        # The recorded bulk figures keep the old size: only the event can tell the new one.
+        smaller = before // 1024 - 4096
+        assert w.conn.emit(libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, dom, smaller) == 1
+        cycle = collector.collect()
+    [s] = [s for s in cycle.samples if s.domain == dom.name()]
+    assert s.crosscheck.result.value == "skipped"
+    assert s.actual_bytes == smaller * 1024
+    assert len(w.transport.commands("query-balloon")) == queried
+
+
+def test_without_events_every_reading_is_crosschecked():
+    """A one-off reading has no events to keep libvirt's balloon size: every domain compares."""
+    w = _world(TURNS)
+    with _collector(w, crosscheck_every=4) as collector:
+        cycles = [collector.collect() for _ in range(3)]
+    for cycle in cycles:
+        assert {s.crosscheck.result.value for s in cycle.samples} == {"agree"}
+    assert _bulk_names(w.conn)[STATE_ONLY] == []
+
+
+def test_crosscheck_every_one_compares_every_cycle():
+    opener = Opener(TURNS)
+    with Collector([URI], opener=opener, events=True, timeout=TIMEOUT, crosscheck_every=1) as collector:
+        cycles = [collector.collect() for _ in range(3)]
+    for cycle in cycles:
+        assert {s.crosscheck.result.value for s in cycle.samples} == {"agree"}
+
+
+def test_a_mismatch_is_compared_again_the_next_cycle():
+    """Anything but agreement is not left for three cycles: the next reading compares again."""
+    opener = Opener(["virtio-hog", "nostats"])
+    with _events_collector(opener) as collector:
+        collector.collect()
+        w = opener.worlds[0]
+        dom = _dom(w, "virtio-hog")
+        # libvirt now reports 7 pages swapped in, which QEMU's recorded figures never said.
+        dom.fixture["all_domain_stats"] = dict(dom.fixture["all_domain_stats"], **{"balloon.swap_in": 7})
+        dom.fixture["memory_stats"] = dict(dom.fixture["memory_stats"], swap_in=7)
+        results = []
+        for _ in range(3):
+            cycle = collector.collect()
+            [s] = [s for s in cycle.samples if s.domain == dom.name()]
+            results.append(s.crosscheck.result.value)
+    assert results[-2:] == ["mismatch", "mismatch"], results
 
 
 def test_lifecycle_event_makes_the_next_cycle_list_domains_again():

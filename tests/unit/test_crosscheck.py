@@ -11,6 +11,8 @@ recorded pairs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -197,7 +199,7 @@ def test_without_actual_only_guest_stats_are_compared():
 
 
 def test_to_dict_shape():
-    """The JSON member: result, checked, mismatches, qmp_only, reason."""
+    """The JSON member: result, checked, mismatches, qmp_only, reason, and when it was compared."""
     stats, actual, memory_stats = _pair("virtio")
     memory_stats["swap_in"] = 7
     doc = crosscheck(stats, actual, memory_stats).to_dict()
@@ -208,6 +210,7 @@ def test_to_dict_shape():
                         "unit": "bytes", "libvirt_unit": "KiB"}],
         "qmp_only": [],
         "reason": "",
+        "at": None,
     }
 
 
@@ -217,6 +220,21 @@ def test_skipped_carries_its_reason():
     assert check == CrossCheck(result=Result.SKIPPED, reason="source is qmp")
     assert check.checked == 0
     assert check.to_dict()["result"] == "skipped"
+
+
+def test_a_skipped_check_carries_the_last_conclusive_one_beside_it_never_as_its_own_verdict():
+    """Between a domain's turns: nothing compared now, the last comparison (with its time) beside."""
+    stats, actual, memory_stats = _pair("virtio")
+    then = dataclasses.replace(crosscheck(stats, actual, memory_stats), at=1700000000.0)
+    now = skipped("not compared this cycle", previous=then)
+    assert now.checked == 0 and now.verdict_of("stat-free-memory") is None and now.mismatches == ()
+    assert not now.conclusive and now.last_conclusive is then
+    doc = now.to_dict()
+    assert doc["result"] == "skipped" and doc["at"] is None
+    assert doc["previous"]["result"] == "agree" and doc["previous"]["at"] == 1700000000.0
+    assert doc["previous"]["checked"] == then.checked > 0
+    inconclusive = CrossCheck(result=Result.INCONCLUSIVE, reason="moved")
+    assert inconclusive.last_conclusive is None and not inconclusive.conclusive
 
 
 def _libvirt_view(values, last_update, actual):

@@ -217,12 +217,12 @@ PUBLIC_MEMBERS = {
         "rearm": "ref, *, via=...",
         "sample": "ref, source=..., *, memo=..., timeout=...",
         "sample_many": "refs=..., source=..., *, workers=..., timeout=...",
-        "begin_sample": "ref, source=..., *, memo=...",
+        "begin_sample": "ref, source=..., *, memo=..., crosscheck=...",
         "finish_sample": "reading, record=...",
     },
     "Collector": {
         "__init__": "uris=..., *, clients=..., domains=..., source=..., timeout=..., workers=..., "
-        "events=..., readonly=..., grace=..., log_changes=..., opener=..., clock=...",
+        "events=..., readonly=..., crosscheck_every=..., grace=..., log_changes=..., opener=..., clock=...",
         "collect": "timeout=...",
         "start": "interval, on_cycle=...",
         "run": "interval, on_cycle=..., *, count=...",

@@ -592,3 +592,33 @@ def test_cli_textfile_with_format_json_is_a_usage_error(tmp_path):
     assert code == 2 and out.getvalue() == ""
     assert "--textfile" in err.getvalue()
     assert not path.exists()
+
+
+def test_a_domain_between_its_crosscheck_turns_keeps_its_last_comparison_and_its_time():
+    """A collector compares each domain one cycle in a few. Between turns the mismatch series is
+    served from the last comparison (no gap in the series) with the time it was made; a sample
+    never compared has neither."""
+    import dataclasses
+
+    from virt_balloon_stats.crosscheck import skipped
+    from virt_balloon_stats.reading import NOT_THIS_TURN
+
+    w = _world(["virtio-hog"])
+    cycle, totals = _collect(w)
+    [compared] = cycle.samples
+    assert compared.crosscheck.result.value == "agree" and compared.crosscheck.at == compared.sampled_at
+    ids = {"uri": URI, "domain": compared.domain, "uuid": compared.uuid}
+
+    def served(sample: Any) -> Tuple[Any, Any]:
+        parsed = _samples(render(dataclasses.replace(cycle, samples=(sample,)), totals))
+        return (_of(parsed, "virt_balloon_crosscheck_mismatches"),
+                _of(parsed, "virt_balloon_crosscheck_timestamp_seconds"))
+
+    assert served(compared) == ([(ids, 0.0)], [(ids, round(compared.crosscheck.at, 3))])
+    later = dataclasses.replace(
+        compared, sampled_at=compared.sampled_at + 15,
+        crosscheck=skipped(NOT_THIS_TURN, previous=compared.crosscheck),
+    )
+    assert served(later) == ([(ids, 0.0)], [(ids, round(compared.crosscheck.at, 3))])
+    never = dataclasses.replace(compared, crosscheck=skipped(NOT_THIS_TURN))
+    assert served(never) == ([], [])

@@ -304,7 +304,7 @@ def add_parsers(command: AddCommand) -> None:
         long_running=True,
     )
     add_domains(p)
-    add_source(p)
+    add_source(p, long_running=True)
     add_grace(p)
     add_timeout(p, None)
     p.add_argument(
@@ -327,7 +327,7 @@ def add_parsers(command: AddCommand) -> None:
         long_running=True,
     )
     add_domains(p)
-    add_source(p)
+    add_source(p, long_running=True)
     add_grace(p)
     _add_cycles(p)
 
@@ -345,7 +345,7 @@ def add_parsers(command: AddCommand) -> None:
         long_running=True,
     )
     add_domains(p, all_unless_named=True)
-    add_source(p)
+    add_source(p, long_running=True)
     add_grace(p)
     add_history(p)
     _add_cycles(p)
@@ -372,7 +372,7 @@ def add_parsers(command: AddCommand) -> None:
         long_running=True,
     )
     add_domains(p, all_unless_named=True)
-    add_source(p)
+    add_source(p, long_running=True)
     add_grace(p)
     p.add_argument(
         "--listen",
@@ -431,7 +431,7 @@ def add_parsers(command: AddCommand) -> None:
         long_running=True,
     )
     add_domains(p, all_unless_named=True)
-    add_source(p)
+    add_source(p, long_running=True)
     add_grace(p)
     add_history(p)
     p.add_argument(
