@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they load o
         QOMPathNotFound,
         UnsupportedHypervisor,
     )
-    from virt_balloon_stats.events import silence_libvirt_stderr
+    from virt_balloon_stats.host import silence_libvirt_stderr
     from virt_balloon_stats.host import Guest, Host, default_uri
     from virt_balloon_stats.polling import PollingState
     from virt_balloon_stats.qompath import QOMPath
@@ -122,7 +122,7 @@ _LAZY = {
     "Guest": "virt_balloon_stats.host",
     "Host": "virt_balloon_stats.host",
     "default_uri": "virt_balloon_stats.host",
-    "silence_libvirt_stderr": "virt_balloon_stats.events",
+    "silence_libvirt_stderr": "virt_balloon_stats.host",
     "PollingState": "virt_balloon_stats.polling",
     "QOMPath": "virt_balloon_stats.qompath",
     "SOURCES": "virt_balloon_stats.sample",

@@ -26,7 +26,6 @@ __all__ = [
     "CLOSE_REASONS",
     "start_event_loop",
     "EventLoopHold",
-    "silence_libvirt_stderr",
 ]
 
 
@@ -133,13 +132,3 @@ class EventLoopHold:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def silence_libvirt_stderr() -> None:
-    """Stop libvirt printing ``libvirt: QEMU Driver error : ...`` by itself.
-
-    libvirt's default error handler writes every error to stderr, even
-    those we catch and report better. This is process-wide, so only a
-    program's entry point (the CLI) calls it; a library must not.
-    """
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)

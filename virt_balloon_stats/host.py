@@ -20,7 +20,7 @@ import dataclasses
 import os
 import re
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import libvirt
 
@@ -34,8 +34,10 @@ from virt_balloon_stats.errors import (
     OperationTimedOut,
     UnsupportedHypervisor,
 )
-from virt_balloon_stats.events import CLOSE_REASONS, LIFECYCLE_NAMES, HostEvent
 from virt_balloon_stats.lanes import Lanes
+
+if TYPE_CHECKING:  # imported where used: a one-domain reading needs no events
+    from virt_balloon_stats.events import HostEvent
 
 __all__ = [
     "DEFAULT_URI",
@@ -46,6 +48,7 @@ __all__ = [
     "Guest",
     "Host",
     "DomainRecord",
+    "silence_libvirt_stderr",
 ]
 
 #: The URI virsh uses when neither ``-c`` nor ``LIBVIRT_DEFAULT_URI`` is given
@@ -474,6 +477,7 @@ class Host:
 
         :raise LibvirtFailure: When libvirt refuses a registration.
         """
+        from virt_balloon_stats.events import CLOSE_REASONS, LIFECYCLE_NAMES, HostEvent
 
         def lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
             queue(HostEvent("lifecycle", dom.UUIDString(), LIFECYCLE_NAMES.get(event, str(event))))
@@ -501,6 +505,16 @@ class Host:
         if keepalive:
             with libvirt_call(self.counter, "setKeepAlive"):
                 self.conn.setKeepAlive(keepalive, 3)
+
+
+def silence_libvirt_stderr() -> None:
+    """Stop libvirt printing ``libvirt: QEMU Driver error : ...`` by itself.
+
+    libvirt's default error handler writes every error to stderr, even
+    those we catch and report better. This is process-wide, so only a
+    program's entry point (the CLI) calls it; a library must not.
+    """
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
 def _connected(counter: RPCCounter, call: str, connect: Callable[[], Any], why: str) -> Any:

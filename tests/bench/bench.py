@@ -15,7 +15,8 @@ B3  default workers against one worker
 B4  libvirt calls per domain per steady cycle
 B5  growth from N/3 to N domains
 B6  the exporter: CPU, peak RSS, scrape latency
-B7  a cold ``stats DOMAIN --format json`` against the bare imports
+B7  a cold ``stats DOMAIN --format json`` against a bare script making the same libvirt calls
+    (and, for reference, against the bare imports)
 B8  the same against ``virsh dommemstat``
 B9  ``stats --all --timeout 5`` with one QEMU stopped
 B10 host CPU per domain-cycle, the exporter over Debian's collectd (virt plugin), same domains and interval
@@ -433,13 +434,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cold = interleaved(
             args.runs,
             stats=lambda: run_quiet([CLI, "stats", guest, "--format", "json"]),
+            floor=lambda: run_quiet([sys.executable, "-c", BARE_STATS.format(uri=URI, name=guest)]),
             imports=lambda: run_quiet([sys.executable, "-c", "import libvirt, libvirt_qemu, lxml.etree"]),
             virsh=lambda: run_quiet(["virsh", "-c", URI, "dommemstat", guest]),
         )
         cm = {k: statistics.median(v) for k, v in cold.items()}
-        seven = cm["stats"] / cm["imports"]
-        report.add("B7", "cold 'stats DOMAIN --format json' over the bare imports", seven, "x", "<= 1.5x",
-                   seven <= 1.5, {k: summary(v) for k, v in cold.items()})
+        seven = cm["stats"] / cm["floor"]
+        report.add("B7", "cold 'stats DOMAIN --format json' over a bare script, same calls", seven, "x",
+                   "<= 1.4x", seven <= 1.4, {k: summary(v) for k, v in cold.items()})
+        report.add("B7", "the same over the bare imports", cm["stats"] / cm["imports"], "x")
         report.add("B8", "the same over 'virsh dommemstat DOMAIN'", cm["stats"] / cm["virsh"], "x",
                    detail={"stats_ms": cm["stats"] * 1000, "virsh_ms": cm["virsh"] * 1000})
 
@@ -533,6 +536,24 @@ def scale_rows(report: "Report", names: Sequence[str], total: int, runs: int, se
                    run["peak_rss_mb"] <= 70, run)
     finally:
         subprocess.run([str(TESTBED), "destroy", *more], capture_output=True, timeout=600)
+
+
+#: B7's floor: what ``stats DOMAIN --format json`` asks of libvirt, with nothing of ours
+#: (the imports, connect, look-up, the XML parsed, QEMU's interval, figures and
+#: balloon size, memoryStats and the state, one JSON document printed).
+BARE_STATS = """
+import json, libvirt, libvirt_qemu, lxml.etree
+libvirt.registerErrorHandler(lambda c, e: None, None)
+conn = libvirt.open("{uri}")
+d = conn.lookupByName("{name}")
+lxml.etree.fromstring(d.XMLDesc(0))
+q = lambda c: json.loads(libvirt_qemu.qemuMonitorCommand(d, json.dumps(c), 0))
+p = "/machine/peripheral/balloon0"
+q({{"execute": "qom-get", "arguments": {{"path": p, "property": "guest-stats-polling-interval"}}}})
+s = q({{"execute": "qom-get", "arguments": {{"path": p, "property": "guest-stats"}}}})
+print(json.dumps([s, q({{"execute": "query-balloon"}}), d.memoryStats(), d.state()]))
+conn.close()
+"""
 
 
 def peer_rows(report: "Report", names: Sequence[str], seconds: float, hung: str, rounds: int = 3) -> None:

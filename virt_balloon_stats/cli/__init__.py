@@ -40,7 +40,7 @@ from virt_balloon_stats.cli.common import (
     add_common,
 )
 from virt_balloon_stats.errors import BalloonStatsError, InvalidArgument
-from virt_balloon_stats.events import silence_libvirt_stderr
+from virt_balloon_stats.host import silence_libvirt_stderr
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
