@@ -38,7 +38,7 @@ from prometheus_client.exposition import choose_encoder
 
 from virt_balloon_stats.collector import Collector, Cycle
 from virt_balloon_stats.errors import InvalidArgument
-from virt_balloon_stats.metrics import CycleMetrics, registry_for
+from virt_balloon_stats.metrics import CycleMetrics, exposition, registry_for
 
 __all__ = [
     "DEFAULT_PORT",
@@ -208,6 +208,21 @@ class _Server(http.server.ThreadingHTTPServer):
         LOG.debug("request from %s failed", client_address, exc_info=True)
 
 
+#: What Prometheus and a plain client are answered in (``choose_encoder``'s
+#: content types), which :func:`~virt_balloon_stats.metrics.exposition` writes.
+_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
+
+
+def _written(registry: Any, encoder: Callable[[Any], bytes], content_type: str) -> bytes:
+    """The scrape's body: our writer for the two usual formats, else the library's encoder."""
+    if content_type in (_TEXT, _OPENMETRICS):
+        body = exposition(registry.collect(), openmetrics=content_type == _OPENMETRICS)
+        if body is not None:
+            return body
+    return encoder(registry)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
     server_version = "virt-balloon-stats"
@@ -262,7 +277,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            body = encoder(exporter.registry)
+            body = _written(exporter.registry, encoder, content_type)
             if _accepts_gzip(self.headers.get("Accept-Encoding", "")):
                 self._send(gzip.compress(body), content_type, head, encoding="gzip")
             else:

@@ -25,7 +25,7 @@ that says how to install it.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 from virt_balloon_stats.collector import Cycle, Totals
 from virt_balloon_stats.errors import NEEDS_PROMETHEUS_CLIENT, InvalidArgument
@@ -36,10 +36,11 @@ from virt_balloon_stats.stats import ACTUAL, STATS, STATS_BY_QEMU_NAME, StatSpec
 try:
     from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.utils import floatToGoString
 except ImportError as _err:  # pragma: no cover - exercised only without the extra
     raise InvalidArgument(NEEDS_PROMETHEUS_CLIENT) from _err
 
-__all__ = ["PREFIX", "metric_name", "CycleMetrics", "registry_for", "render", "write_textfile"]
+__all__ = ["PREFIX", "metric_name", "CycleMetrics", "registry_for", "render", "write_textfile", "exposition"]
 
 PREFIX = "virt_balloon"
 
@@ -280,3 +281,61 @@ def write_textfile(path: str, cycle: Cycle, totals: Optional[Totals] = None) -> 
         write_to_textfile(path, registry)
     except OSError as err:
         raise InvalidArgument(f"cannot write {path}: {err.strerror or err}") from err
+
+
+#: ``prometheus_client``'s value formatting (Go's, as Prometheus parses it), typed.
+_go_float = cast(Callable[[float], str], floatToGoString)
+
+#: Names the text formats take as they are (no quoting, no escaping): all of ours.
+_PLAIN_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _escape_value(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def exposition(families: Iterable[Metric], *, openmetrics: bool) -> Optional[bytes]:
+    """Our gauges and counters in Prometheus' text format (0.0.4), or OpenMetrics 1.0.0.
+
+    The same bytes as ``prometheus_client``'s encoders write for these
+    families (a unit test compares them, family by family, on every
+    recorded scenario), without their per-sample work: with
+    ``prometheus_client`` 0.26, each label name of each sample is checked
+    against the legacy character set and escaped rune by rune. A scrape of
+    30 domains took 4.1 to 4.2 ms in the text format and 6.2 to 7.0 ms in
+    OpenMetrics (what Prometheus asks for), the families' making included;
+    2.4 to 2.8 ms this way, in either. A family outside that shape (another
+    type, a unit, a timestamp, an exemplar, a name that needs quoting) gives
+    ``None``, and the caller uses the library's encoder.
+    """
+    out: List[str] = []
+    # The same labels come back in every family of a domain: each set is sorted and escaped once.
+    written: Dict[Tuple[Tuple[str, str], ...], str] = {}
+    for family in families:
+        kind, name = family.type, family.name
+        if kind not in ("gauge", "counter") or family.unit or not _PLAIN_NAME.fullmatch(name):
+            return None
+        if openmetrics:
+            head, help_text = name, _escape_value(family.documentation)
+        else:
+            head = name + "_total" if kind == "counter" else name
+            help_text = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        sample_name = name + "_total" if kind == "counter" else name
+        out.append(f"# HELP {head} {help_text}\n# TYPE {head} {kind}\n")
+        for sample in family.samples:
+            if sample.name != sample_name or sample.timestamp is not None or sample.exemplar is not None:
+                return None
+            key = tuple(sample.labels.items())
+            text = written.get(key)
+            if text is None:
+                labels = sorted(key)
+                if not all(_PLAIN_NAME.fullmatch(label) for label, _ in labels):
+                    return None
+                text = written[key] = ",".join(f'{k}="{_escape_value(v)}"' for k, v in labels)
+            if text:
+                out.append(f"{sample_name}{{{text}}} {_go_float(sample.value)}\n")
+            else:
+                out.append(f"{sample_name} {_go_float(sample.value)}\n")
+    if openmetrics:
+        out.append("# EOF\n")
+    return "".join(out).encode("utf-8")

@@ -354,6 +354,26 @@ def test_get_metrics_with_openmetrics_accept():
     assert families["virt_balloon_swap_in_bytes"].type == "counter"
 
 
+#: What Debian 12's Prometheus (2.42) sends, taken from its scrape code.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+                     "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+@pytest.mark.parametrize("accept", ["", PROMETHEUS_ACCEPT, "application/openmetrics-text; version=1.0.0; "
+                                    "escaping=allow-utf-8"], ids=["plain", "prometheus", "utf8-names"])
+def test_a_scrape_body_is_what_the_librarys_encoder_writes(accept):
+    """The exporter writes the two usual formats itself (metrics.exposition) and leaves any other
+    to prometheus_client; every body is the library's, byte for byte, for the same cycle."""
+    from prometheus_client.exposition import choose_encoder
+
+    with _serving() as exporter:
+        status, headers, body = _request(exporter, headers={"Accept": accept})
+        encoder, content_type = choose_encoder(accept)
+        expected = encoder(exporter.registry)  # the same last cycle (the collector waits an interval)
+    assert status == 200 and headers["Content-Type"] == content_type
+    assert body == expected
+
+
 def test_get_metrics_gzip_when_asked():
     """Accept-Encoding gzip: the body is gzip, and unpacks to the same exposition."""
     with _serving() as exporter:
