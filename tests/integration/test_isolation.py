@@ -218,6 +218,12 @@ class CollectorFrontEnd(FrontEnd):
             Reading(s.domain, s.status.value, s.message, s.last_update, cycle.started_at, ended, context)
             for s in cycle.samples
         )
+        # A named domain that no longer resolves (gone, say killed by libvirtd) is not a sample but one
+        # of the cycle's problems, once, when the collector lists the names again: a reading too.
+        self.readings.extend(
+            Reading(p.what, "problem", str(p.error), None, cycle.started_at, ended, context)
+            for p in cycle.problems if p.what in self.guests
+        )
         self.cycles.append(cycle)
         self.cycle_starts.append(cycle.started_at)
 
