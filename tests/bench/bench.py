@@ -405,6 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for c in calls:
             for k, v in c.items():
                 per_cycle[k] = per_cycle.get(k, 0) + v / len(calls)
+        per_cycle = {k: round(v, 6) for k, v in per_cycle.items()}  # sums of fractions: 6.000000000000001
         bulk = per_cycle.get("domainListGetStats", 0.0)
         per_domain = (sum(per_cycle.values()) - bulk) / len(names)
         xml_state = per_cycle.get("XMLDesc", 0.0) + per_cycle.get("state", 0.0)
