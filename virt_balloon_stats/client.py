@@ -436,7 +436,7 @@ class BalloonStats:
             )
         path, stats = reading.path, reading.stats
         assert path is not None
-        compare = use_libvirt and reading.compare
+        compare = reading.libvirt_figures  # both, and this domain's turn (libvirt's reads take another path)
         maybe_stats = side.stats() if compare else None
         state = side.state()
         # libvirt's own balloon size (kept exact from QEMU's BALLOON_CHANGE
