@@ -26,6 +26,7 @@ from virt_balloon_stats import (
 from virt_balloon_stats.host import Host
 
 MIB = 1024 * 1024
+PAGE = 4096
 
 
 @pytest.fixture
@@ -145,7 +146,11 @@ def test_memory_hog_lowers_free_memory(client, driver_guest, domains):
     idle, hog = client.sample(driver_guest), client.sample(name)
     dropped = idle.get("stat-free-memory") - hog.get("stat-free-memory")
     assert 48 * MIB < dropped < 80 * MIB, dropped / MIB
-    assert hog.get("stat-total-memory") == idle.get("stat-total-memory")  # same guest size, less free
+    # Same guest size, less free. MemTotal is what the guest kernel keeps
+    # after its boot-time reservations, which can differ by a page between
+    # two boots of the same guest: 1 boot in 14 of the 6.12 guest had 4096
+    # bytes less, with or without the hog. A changed size would be MiBs.
+    assert abs(hog.get("stat-total-memory") - idle.get("stat-total-memory")) <= 16 * PAGE
     assert hog.status is Status.OK
 
 
