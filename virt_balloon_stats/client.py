@@ -373,6 +373,37 @@ class BalloonStats:
             reading.error = err
         return reading
 
+    @staticmethod
+    def begin_calls(source: str, memo: DomainMemo) -> bool:
+        """Whether :meth:`begin_sample` would make a call: not once the device is known and QEMU is not read.
+
+        That is the ``libvirt`` source's steady reading (and a domain without
+        a balloon): everything it shows then comes in the collector's bulk
+        call, so a collector needs no worker for its first half.
+        """
+        return memo.device is None or (memo.device.present and source != "libvirt")
+
+    def finish_from_record(self, reading: Reading, record: DomainRecord) -> Optional[Sample]:
+        """:meth:`finish_sample` when a bulk record is all it needs, without a call; else ``None``.
+
+        A reading that did not read QEMU (``libvirt``, or no balloon) is made
+        of the record's state and figures alone when the record has them all,
+        so a collector finishes it where the record arrives instead of
+        handing it to a worker. Anything else, a record that ``NOWAIT`` left
+        short included, gives ``None``: :meth:`finish_sample` then makes its
+        calls, in a worker.
+        """
+        memo = reading.memo
+        if reading.error is not None or reading.stats is not None or memo.device is None:
+            return None
+        side = LibvirtSide(reading.guest, record)
+        if not side.answers_alone(figures=reading.source in ("libvirt", "both")):
+            return None
+        try:
+            return self._finish(reading, side, Identity(self.host.uri, reading.guest, reading.source))
+        except BalloonStatsError:
+            return None  # finish_sample knows how to report it
+
     def finish_sample(self, reading: Reading, record: Optional[DomainRecord] = None) -> Sample:
         """The second half of :meth:`sample`: libvirt's side, the cross-check, the status.
 

@@ -92,8 +92,8 @@ from virt_balloon_stats.rounds import (
     BulkRound,
     DomainSlot,
     Work,
-    read_then_join,
     run_rounds,
+    start_reading,
 )
 from virt_balloon_stats.sample import SOURCES, Sample, not_read, unanswered
 from virt_balloon_stats.stats import DEFAULT_GRACE_SECONDS, Status
@@ -662,11 +662,8 @@ class Collector:
                 work.append((entry, self._unresponsive(session, entry)))
                 continue
             compare = self.source != "both" or entry.memo.due(self.crosscheck_every, phase)
-            entry.pending = self._pool.submit(
-                client.host.leased, read_then_join, client, entry, bulk, self.source, compare
-            )
             entry.pending_since = time.monotonic()
-            bulk.track(entry.pending)
+            entry.pending = start_reading(self._pool, client, entry, bulk, self.source, compare)
             work.append((entry, entry.pending))
         return bulk, work
 

@@ -173,15 +173,31 @@ class LibvirtSide:
     def stats(self) -> Mapping[str, int]:
         """``memoryStats()``-shaped figures."""
         if self._stats is None:
-            record = self._record
-            converted = memory_stats_from_domstats(record.balloon) if record is not None else {}
-            # NOWAIT leaves a busy QEMU's domain with only balloon.current and
-            # balloon.maximum (from libvirt's definition): then this domain
-            # asks on its own. libvirt reports rss, and last-update when there
-            # is a balloon, only when it could ask QEMU.
-            complete = LAST_UPDATE.libvirt in converted or RSS.libvirt in converted
-            self._stats = converted if complete else self._guest.memory_stats()
+            self._stats = self._recorded_stats()
+            if self._stats is None:
+                self._stats = self._guest.memory_stats()
         return self._stats
+
+    def answers_alone(self, figures: bool) -> bool:
+        """Whether :meth:`state` (and :meth:`stats`, with ``figures``) answer from the record alone."""
+        record = self._record
+        if record is None or record.state == "unknown":
+            return False
+        if figures and self._stats is None:
+            self._stats = self._recorded_stats()
+        return not figures or self._stats is not None
+
+    def _recorded_stats(self) -> Optional[Mapping[str, int]]:
+        """The record's figures, or ``None`` when it has not all of them."""
+        if self._record is None:
+            return None
+        converted = memory_stats_from_domstats(self._record.balloon)
+        # NOWAIT leaves a busy QEMU's domain with only balloon.current and
+        # balloon.maximum (from libvirt's definition): then this domain
+        # asks on its own. libvirt reports rss, and last-update when there
+        # is a balloon, only when it could ask QEMU.
+        complete = LAST_UPDATE.libvirt in converted or RSS.libvirt in converted
+        return converted if complete else None
 
 
 class Identity:

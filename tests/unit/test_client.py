@@ -41,7 +41,7 @@ from virt_balloon_stats.errors import (
 )
 from virt_balloon_stats.qmp import POLLING_PROPERTY
 from virt_balloon_stats.qompath import QOMPath
-from virt_balloon_stats.reading import CROSSCHECK_ATTEMPTS
+from virt_balloon_stats.reading import CROSSCHECK_ATTEMPTS, DomainMemo
 from virt_balloon_stats.stats import STATS, Status, parse_guest_stats
 
 #: The keys of the JSON document every front end prints.
@@ -551,3 +551,65 @@ def test_alias_that_does_not_lead_to_the_balloon_falls_back_to_listing(reply):
     assert sample.qom_path.path == fixture["balloon_path"] and sample.qom_path.method == "search"
     assert w.transport.commands()[0] == guess
     assert {"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}} in w.transport.commands()
+
+
+# -- the two halves without a call -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["virtio", "virtio-hog", "nodriver", "none"])
+def test_a_complete_record_finishes_a_libvirt_reading_without_a_call(scenario):
+    """``--source libvirt``: once the device is known, neither half calls; the sample is finish_sample's."""
+    fixture = load(scenario)
+    w = World([fixture], now=now_for(fixture))
+    name = fixture["domain"]["name"]
+    memo = DomainMemo()
+    w.client.sample(name, "libvirt", memo=memo)  # learns the device (XMLDesc)
+    assert not BalloonStats.begin_calls("libvirt", memo)
+    guest = w.client.guest(name)
+    before = w.host.counter.snapshot()
+    reading = w.client.begin_sample(guest, "libvirt", memo=memo)
+    (record,) = w.host.domain_records([guest]).values()
+    after_bulk = w.host.counter.snapshot()
+    made = w.client.finish_from_record(reading, record)
+    # No call past the bulk one, and no QMP.
+    assert w.host.counter.snapshot() == after_bulk
+    assert {k: after_bulk[k] - before.get(k, 0) for k in after_bulk if after_bulk[k] != before.get(k, 0)} == {
+        "domainListGetStats": 1
+    }
+    assert made is not None
+    assert made == w.client.finish_sample(reading, record)
+
+
+def test_a_record_nowait_left_short_is_finished_with_a_call():
+    """A busy QEMU's record has no figures: finish_from_record declines, finish_sample asks memoryStats()."""
+    fixture = load("virtio")
+    w = World([fixture], busy=[fixture["domain"]["uuid"]], now=now_for(fixture))
+    name = fixture["domain"]["name"]
+    memo = DomainMemo()
+    w.client.sample(name, "libvirt", memo=memo)
+    guest = w.client.guest(name)
+    reading = w.client.begin_sample(guest, "libvirt", memo=memo)
+    (record,) = w.host.domain_records([guest]).values()
+    assert record.state == "running" and "balloon.last-update" not in record.balloon
+    calls = len(w.domain.calls_to("memoryStats"))
+    assert w.client.finish_from_record(reading, record) is None
+    assert len(w.domain.calls_to("memoryStats")) == calls  # declining made no call either
+    sample = w.client.finish_sample(reading, record)
+    assert len(w.domain.calls_to("memoryStats")) == calls + 1
+    assert sample.libvirt == fixture["memory_stats"]
+
+
+@pytest.mark.parametrize("source", ["both", "qmp"])
+def test_a_reading_that_read_qemu_is_never_finished_from_the_record_alone(source):
+    """Its second half may call (query-balloon, the cross-check's re-read, the interval): a worker's."""
+    fixture = load("virtio")
+    w = World([fixture], now=now_for(fixture))
+    name = fixture["domain"]["name"]
+    memo = DomainMemo()
+    assert BalloonStats.begin_calls(source, memo)  # the device is not known yet
+    w.client.sample(name, source, memo=memo)
+    assert BalloonStats.begin_calls(source, memo)  # QEMU is read every time
+    guest = w.client.guest(name)
+    reading = w.client.begin_sample(guest, source, memo=memo)
+    (record,) = w.host.domain_records([guest]).values()
+    assert w.client.finish_from_record(reading, record) is None

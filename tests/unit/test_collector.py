@@ -894,6 +894,40 @@ def test_source_libvirt_sends_no_qmp_command():
         assert sample.source == "libvirt"
 
 
+def test_source_libvirt_a_record_nowait_left_short_is_read_on_its_own():
+    """A busy QEMU's record has no figures: that domain alone asks memoryStats(), the rest need no call."""
+    uuid = next(f["domain"]["uuid"] for f in map(load, MANY) if f["scenario"] == "virtio-hog")
+    w = _world(MANY, busy=[uuid])
+    busy = _dom(w, "virtio-hog")
+    with _collector(w, source="libvirt") as collector:
+        collector.collect()
+        cycle = collector.collect()
+    assert [d.name() for d in w.domains if d.calls_to("memoryStats")] == [busy.name()]
+    assert cycle.calls == {"listAllDomains": 1, "domainListGetStats": 1, "memoryStats": 1}
+    (sample,) = [s for s in cycle.samples if s.domain == busy.name()]
+    assert sample.libvirt == busy.fixture["memory_stats"] and sample.status is Status.OK
+
+
+def test_source_libvirt_a_hung_qemu_holds_up_no_other_domain():
+    """No QMP read probes QEMU first: a hung QEMU holds the bulk call it is in; the others then ask
+    libvirt on their own, on time, and it alone is unresponsive."""
+    w = _world(HUNG_SET)
+    dom = _dom(w, HUNG)
+    with _collector(w, source="libvirt", timeout=HUNG_TIMEOUT) as collector:
+        first = collector.collect()
+        releases = [dom.hang("domainListGetStats"), dom.hang("memoryStats")]
+        try:
+            cycles = [_timed_collect(collector) for _ in range(2)]
+        finally:
+            for release in releases:
+                release.set()
+    healthy = {n: s for n, s in by_name(first).items() if n != dom.name()}
+    for cycle in cycles:
+        assert by_name(cycle)[dom.name()] == "unresponsive"
+        assert _healthy(cycle) == healthy
+    assert dom.held("domainListGetStats") == 1  # asked once, then left alone while its call is out
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(source="virsh"), dict(workers=0), dict(workers=-2), dict(timeout=0), dict(timeout=-1.5)],

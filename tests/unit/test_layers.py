@@ -219,6 +219,8 @@ PUBLIC_MEMBERS = {
         "sample_many": "refs=..., source=..., *, workers=..., timeout=...",
         "begin_sample": "ref, source=..., *, memo=..., crosscheck=...",
         "finish_sample": "reading, record=...",
+        "begin_calls": "source, memo",
+        "finish_from_record": "reading, record",
     },
     "Collector": {
         "__init__": "uris=..., *, clients=..., domains=..., source=..., timeout=..., workers=..., "
