@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -29,6 +30,7 @@ import logging
 import os
 import re
 import secrets
+import selectors
 import socket
 import ssl
 import threading
@@ -191,7 +193,40 @@ def _accepts_gzip(header: str) -> bool:
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    timeout = 0.0  # handle_request is called when a connection is there: it must not wait for one
     exporter: "Exporter"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before the socket: a failed bind calls server_close, which closes these too.
+        self._wake_read, self._wake_write = socket.socketpair()
+        super().__init__(*args, **kwargs)
+
+    def serve(self) -> None:
+        """Accept requests until :meth:`wake_to_stop`, asleep in between.
+
+        ``serve_forever`` wakes every ``poll_interval`` to look for a
+        shutdown: 0.1 ms of CPU a wake-up, 2.6 ms every 5 s at the 0.2 s
+        that keeps ``stop()`` prompt, about as much as a scrape of 30
+        domains costs. Here a socket pair wakes the loop instead.
+        """
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while True:
+                for key, _events in selector.select():
+                    if key.fileobj is self._wake_read:
+                        return
+                    self.handle_request()  # accept, hand to a thread (timeout 0: never waits here)
+
+    def wake_to_stop(self) -> None:
+        """Have :meth:`serve` return (from any thread)."""
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_read.close()
+        self._wake_write.close()
 
     def get_request(self) -> Tuple[socket.socket, Any]:
         sock, addr = super().get_request()
@@ -404,16 +439,16 @@ class Exporter:
         self.port = server.server_address[1]
         self._server = server
         self.collector.start(self.config.interval, self._on_cycle)
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="vbs-http", daemon=True
-        )
+        self._thread = threading.Thread(target=server.serve, name="vbs-http", daemon=True)
         self._thread.start()
         LOG.info("serving %s, collecting every %g s", self.url, self.config.interval)
 
     def stop(self) -> None:
         """Stop serving and collecting; returns within about a second."""
         if self._server is not None:
-            self._server.shutdown()
+            self._server.wake_to_stop()
+            if self._thread is not None:
+                self._thread.join()
             self._server.server_close()
             self._server = None
         self.collector.stop(wait=1.0)

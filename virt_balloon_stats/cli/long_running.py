@@ -271,8 +271,8 @@ def _serve(exporter: "Exporter") -> None:
     }
     try:
         exporter.start()
-        while not done.wait(1.0):
-            pass
+        # Asleep until a signal's handler sets it: a signal interrupts the wait (Python >= 3.2 on POSIX).
+        done.wait()
     finally:
         exporter.stop()
         for signum, handler in handlers.items():
