@@ -655,7 +655,9 @@ class Collector:
         # Decided once: a call still out may come back while this loop runs.
         entries = [(session.entries[k], session.entries[k].busy) for k in self._order(session)]
         free = sum(1 for _, busy in entries if not busy)
-        bulk = BulkRound(client, session.bulk, free, self.source != "qmp", wake) if free else None
+        # With the libvirt source no QMP read runs for a bulk call to overlap: one call for all.
+        calls = 1 if self.source == "libvirt" else None
+        bulk = BulkRound(client, session.bulk, free, self.source != "qmp", wake, calls) if free else None
         work: List[Work] = []
         for phase, (entry, busy) in enumerate(entries):
             if busy or bulk is None:

@@ -534,6 +534,24 @@ def test_bulk_calls_come_in_shrinking_chunks_that_cover_every_domain_once():
     assert cycle.calls.get("memoryStats", 0) == 0 and cycle.calls.get("state", 0) == 0, cycle.calls
 
 
+def test_source_libvirt_reads_thirty_domains_in_one_bulk_call():
+    """No QMP read for the chunks to overlap: one call for all, not three (each a round trip of its own)."""
+    fixtures = []
+    for i in range(30):
+        fixture = load("virtio")
+        uuid = f"00000000-0000-4000-8000-{i:012d}"
+        fixture["domain"].update(name=f"vbs-tb-many-{i:02d}", uuid=uuid, id=100 + i)
+        fixtures.append(fixture)
+    w = World(fixtures, now=now_for(fixtures[0]))
+    with _collector(w, source="libvirt", workers=4, timeout=5.0) as collector:
+        collector.collect()
+        before = len(w.conn.calls_to("domainListGetStats"))
+        cycle = collector.collect()
+    assert [len(doms) for doms, _, _ in w.conn.calls_to("domainListGetStats")[before:]] == [30]
+    assert len(cycle.samples) == 30 and all(s.libvirt is not None for s in cycle.samples)
+    assert cycle.calls == {"listAllDomains": 1, "domainListGetStats": 1}
+
+
 @pytest.mark.parametrize(
     "expected, calls, sizes",
     [(30, 3, [12, 10]), (100, 3, [40, 33]), (30, 2, [17]), (30, 1, []), (10, 3, [6, 6]), (1, 3, [6, 6])],
