@@ -566,9 +566,11 @@ def peer_rows(report: "Report", names: Sequence[str], seconds: float, hung: str,
     """B10 and B11 (see :mod:`peers`): the exporter and collectd, one after the other, 5 s intervals.
 
     B10 runs the three in turn, ``rounds`` times, and takes the median of
-    each round's ratio: a 40 s run costs the host about 0.3 to 0.6 s of CPU,
-    counted in 10 ms ticks, and the machine's own load drifts between runs,
-    so one run of each (as first written) swung collectd's cost by 30 %.
+    each round's ratio: the machine's own load drifts between runs, so one
+    run of each (as first written) swung collectd's cost by 30 %. The CPU
+    is counted in nanoseconds (:class:`peers.ProcessCPU`, and libvirtd's
+    threads), not in ``/proc``'s 10 ms ticks, of which a 40 s run of the
+    exporter costs 5 to 15.
     """
     import peers  # beside this script, on its sys.path
 
