@@ -48,7 +48,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from virt_balloon_stats.advice import Point, merge
 from virt_balloon_stats.errors import HistoryError, InvalidArgument
@@ -456,33 +456,60 @@ class History:
     # -- writing -----------------------------------------------------------------------------
 
     def record(self, uuid: str, name: str, point: Point) -> None:
-        """Append one domain's interval (a gap: ``ok_seconds`` 0), in a transaction of its own.
-
-        Then, at most once a minute of the clock, downsample and drop what is
-        past the retention, in another transaction. A point with the same
-        start as one already there (the clock stepped back) replaces it.
+        """Append one domain's interval (a gap: ``ok_seconds`` 0): :meth:`record_many` of one.
 
         :raise InvalidArgument: When the point's figures cannot be stored.
         :raise HistoryError: When the history was opened read-only, or a write
             fails (when the pass fails, the point is stored already).
         """
+        self.record_many([(uuid, name, point)])
+
+    def record_many(self, points: Sequence[Tuple[str, str, Point]]) -> None:
+        """Append a cycle's intervals, one per domain (UUID, name, point), in one transaction.
+
+        A transaction per point cost the exporter more than half of what
+        recording a cycle of 30 domains costs. Then, at most once a minute
+        of the clock, downsample and drop what is past the retention, in
+        another transaction. A point with the same start as one already
+        there (the clock stepped back) replaces it.
+
+        :raise InvalidArgument: For a point whose figures cannot be stored,
+            once the others are (nothing else is lost with it).
+        :raise HistoryError: When the history was opened read-only, or a write
+            fails (when the pass fails, the points are stored already).
+        """
         if not self._writer:
             raise HistoryError(f"{self.path}: opened to read; only its writer records", path=self.path)
-        _check(name, point)
+        good: List[Tuple[str, str, Point]] = []
+        refused: List[InvalidArgument] = []
+        for uuid, name, point in points:
+            try:
+                _check(name, point)
+            except InvalidArgument as err:
+                refused.append(err)
+                continue
+            good.append((uuid, name, point))
         with self._mutex:
+            ids: Dict[str, Tuple[int, str]] = {}
             with self._transaction():
-                known = self._ids.get(uuid)
-                if known is None or known[1] != name:
-                    known = (self._domain_id(uuid, name), name)
-                self._db.execute(f"INSERT OR REPLACE INTO point ({_COLUMNS}) VALUES ({', '.join('?' * 12)})",
-                                 _row(known[0], 0, point))
-            self._ids[uuid] = known
+                for uuid, name, point in good:
+                    known = ids.get(uuid) or self._ids.get(uuid)
+                    if known is None or known[1] != name:
+                        known = (self._domain_id(uuid, name), name)
+                    self._db.execute(
+                        f"INSERT OR REPLACE INTO point ({_COLUMNS}) VALUES ({', '.join('?' * 12)})",
+                        _row(known[0], 0, point),
+                    )
+                    ids[uuid] = known
+            self._ids.update(ids)  # committed
             now = self._clock()
             if self._last_pass is None or not 0 <= now - self._last_pass < PASS_EVERY_SECONDS:
                 self._last_pass = now
                 with self._transaction():
                     self._downsample(_ms(now))
                 self._ids.clear()  # domains without points left are gone
+        if refused:
+            raise refused[0]
 
     def _domain_id(self, uuid: str, name: str) -> int:
         found = self._db.execute("SELECT id, name FROM domain WHERE uuid = ?", (uuid,)).fetchone()

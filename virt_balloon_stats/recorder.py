@@ -83,22 +83,27 @@ class Recorder:
         after an absence starts afresh with one interval's point.
         """
         now = cycle.started_at
-        written = 0
+        points = []
         for sample in cycle.samples:
             last = self._seen.get(sample.uuid)
             # A domain missing for long (or a clock step) starts afresh with one interval's point.
             follows = last is not None and 0 < now - last <= 3 * self._interval
             start = last if follows and last is not None else now - self._interval
             point = point_of(self._last_ok.get(sample.uuid), sample, start, now - start)
-            self._history.record(sample.uuid, sample.domain, point)
-            self._seen[sample.uuid] = now
-            if _usable(sample):
-                self._last_ok[sample.uuid] = sample
-            written += 1
-        gone = set(self._seen) - {sample.uuid for sample in cycle.samples}
-        for uuid in gone:
-            # A domain that left (shut off, undefined) starts afresh if it comes back.
-            self._seen.pop(uuid, None)
-            self._last_ok.pop(uuid, None)
-        self.points += written
-        return written
+            points.append((sample.uuid, sample.domain, point))
+        try:
+            # One transaction for the cycle (a point the history cannot hold
+            # is refused alone, after the others are stored).
+            self._history.record_many(points)
+        finally:
+            for sample in cycle.samples:
+                self._seen[sample.uuid] = now
+                if _usable(sample):
+                    self._last_ok[sample.uuid] = sample
+            gone = set(self._seen) - {sample.uuid for sample in cycle.samples}
+            for uuid in gone:
+                # A domain that left (shut off, undefined) starts afresh if it comes back.
+                self._seen.pop(uuid, None)
+                self._last_ok.pop(uuid, None)
+        self.points += len(points)
+        return len(points)

@@ -258,6 +258,19 @@ def test_a_figure_sqlite_cannot_hold_is_refused_and_nothing_is_written(path: str
     assert writer.points(UUID, 0, 2 * T0) == [] and writer.domains() == []
 
 
+def test_a_cycle_is_stored_whole_but_for_the_point_it_cannot_hold(writer: History):
+    """record_many (a cycle's points, one transaction): the point it cannot hold is refused by
+    its domain's name, after every other point is stored; nothing else is lost with it."""
+    huge = Point(T0, 5.0, 5.0, 2**64 - 2, 2**30)
+    good = fed(1, T0, 5.0)
+    with pytest.raises(InvalidArgument, match="cannot hold") as caught:
+        writer.record_many([(UUID, "vbs-a", good), ("other-uuid", "vbs-b", huge), ("third", "vbs-c", good)])
+    assert caught.value.domain == "vbs-b"
+    assert writer.points(UUID, 0, 2 * T0) == [good] and writer.points("third", 0, 2 * T0) == [good]
+    assert writer.points("other-uuid", 0, 2 * T0) == []
+    assert sorted(d.name for d in writer.domains()) == ["vbs-a", "vbs-c"]
+
+
 # -- downsampling and retention ------------------------------------------------------------
 
 
