@@ -77,6 +77,15 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_REFRESH_SECONDS = 300.0
 
 
+class _NeedsACall(Exception):
+    """A second half begun without calls (:meth:`BalloonStats.finish_from_record`) needs one after all."""
+
+
+def _stands_in(source: str, memo: DomainMemo, compare: bool) -> bool:
+    """Whether libvirt's figures stand in for QEMU's in this reading (``both``, not compared, settled)."""
+    return source == "both" and not compare and memo.settled
+
+
 class BalloonStats:
     """Balloon statistics of the domains behind one libvirt connection.
 
@@ -362,7 +371,9 @@ class BalloonStats:
         try:
             if memo.device is None:
                 memo.device = self.balloon_device(guest)
-            if memo.device.present and source != "libvirt":
+            if _stands_in(source, memo, reading.compare):
+                reading.from_libvirt = True  # between its turns: libvirt's figures, in finish_sample
+            elif memo.device.present and source != "libvirt":
                 # QEMU first; libvirt's side comes in finish_sample.
                 reading.refreshed = memo.interval is None or self.monotonic() >= memo.refresh_due
                 if reading.refreshed:
@@ -374,14 +385,19 @@ class BalloonStats:
         return reading
 
     @staticmethod
-    def begin_calls(source: str, memo: DomainMemo) -> bool:
+    def begin_calls(source: str, memo: DomainMemo, crosscheck: bool = True) -> bool:
         """Whether :meth:`begin_sample` would make a call: not once the device is known and QEMU is not read.
 
-        That is the ``libvirt`` source's steady reading (and a domain without
-        a balloon): everything it shows then comes in the collector's bulk
-        call, so a collector needs no worker for its first half.
+        That is the ``libvirt`` source's steady reading, a domain without a
+        balloon, and ``both`` between a settled domain's turns
+        (``crosscheck`` false, :attr:`DomainMemo.settled`): everything it
+        shows then comes in the collector's bulk call, so a collector needs
+        no worker for its first half.
         """
-        return memo.device is None or (memo.device.present and source != "libvirt")
+        if memo.device is None:
+            return True
+        compare = crosscheck or memo.actual_kib is None
+        return memo.device.present and source != "libvirt" and not _stands_in(source, memo, compare)
 
     def finish_from_record(self, reading: Reading, record: DomainRecord) -> Optional[Sample]:
         """:meth:`finish_sample` when a bulk record is all it needs, without a call; else ``None``.
@@ -400,9 +416,9 @@ class BalloonStats:
         if not side.answers_alone(figures=reading.source in ("libvirt", "both")):
             return None
         try:
-            return self._finish(reading, side, Identity(self.host.uri, reading.guest, reading.source))
-        except BalloonStatsError:
-            return None  # finish_sample knows how to report it
+            return self._finish(reading, side, Identity(self.host.uri, reading.guest, reading.source), False)
+        except (BalloonStatsError, _NeedsACall):
+            return None  # finish_sample makes the call, or knows how to report the failure
 
     def finish_sample(self, reading: Reading, record: Optional[DomainRecord] = None) -> Sample:
         """The second half of :meth:`sample`: libvirt's side, the cross-check, the status.
@@ -419,6 +435,7 @@ class BalloonStats:
                 raise reading.error
             return self._finish(reading, side, base)
         except BalloonStatsError as err:
+            memo.status = None  # not read: QEMU is read next time, whatever the turn
             if side.known_state == "unknown" and not isinstance(err, ConnectionFailed):
                 # Cheap (no job on QEMU), and says "shutoff" when that is why it failed.
                 with contextlib.suppress(BalloonStatsError):
@@ -433,11 +450,13 @@ class BalloonStats:
                 error=err,
             )
 
-    def _finish(self, reading: Reading, side: LibvirtSide, base: Identity) -> Sample:
+    def _finish(self, reading: Reading, side: LibvirtSide, base: Identity, may_call: bool = True) -> Sample:
         guest, memo, source = reading.guest, reading.memo, reading.source
         device = memo.device
         assert device is not None
         use_libvirt = source in ("libvirt", "both")
+        if reading.from_libvirt:
+            return self._finish_between_turns(reading, side, base, may_call)
         if reading.stats is None:  # no balloon, or the libvirt source: libvirt's side only
             figures = side.stats() if use_libvirt else None
             state = side.state()
@@ -512,6 +531,7 @@ class BalloonStats:
             self._read_interval(guest, memo)
             status, message = self._classify(state, memo.interval, stats, now)
         memo.status, memo.last_update = status, stats.last_update
+        memo.read_qemu(path, stats)
         return base.sample(
             state=state,
             sampled_at=now,
@@ -523,6 +543,53 @@ class BalloonStats:
             stats=stats,
             actual_bytes=actual,
             libvirt=libvirt_stats,
+        )
+
+    def _finish_between_turns(
+        self, reading: Reading, side: LibvirtSide, base: Identity, may_call: bool = True
+    ) -> Sample:
+        """``both`` between a settled domain's turns: libvirt's figures stand in for QEMU's.
+
+        They are the same ``guest-stats`` read through libvirt's monitor, as
+        the domain's last comparison found. The sample shows them as a
+        reading of QEMU would (its path, its interval, what it does not
+        support), and says it was not compared. When the figures say
+        something changed (another status, updates closer than the
+        interval), QEMU's live interval is read first, as in a reading of
+        QEMU (``may_call`` false: :class:`_NeedsACall` instead).
+        """
+        memo, device = reading.memo, reading.memo.device
+        assert device is not None and memo.path is not None
+        figures = side.stats()
+        state = side.state()
+        stats, actual = stats_from_libvirt(figures)
+        if memo.qemu_only_unsupported:
+            unsupported = dict.fromkeys(memo.qemu_only_unsupported)
+            stats = GuestStats({**stats.values, **unsupported}, stats.last_update)
+        if actual is not None:
+            memo.actual_kib = ACTUAL.to_libvirt(actual)
+        now = self.clock()
+        status, message = self._classify(state, memo.interval, stats, now)
+        if status is not memo.status or shortened(memo.last_update, stats.last_update, memo.interval):
+            # As a reading of QEMU would: confirm against QEMU's live interval,
+            # which may have been changed behind our back. A call: a collector
+            # finishing this where the record arrived hands it to a worker.
+            if not may_call:
+                raise _NeedsACall()
+            self._read_interval(reading.guest, memo)
+            status, message = self._classify(state, memo.interval, stats, now)
+        memo.status, memo.last_update = status, stats.last_update
+        return base.sample(
+            state=state,
+            sampled_at=now,
+            status=status,
+            message=message,
+            polling=PollingState(memo.interval, device.stats_period),
+            crosscheck=skipped(NOT_THIS_TURN, previous=memo.last_check),
+            qom_path=memo.path,
+            stats=stats,
+            actual_bytes=actual,
+            libvirt=figures,
         )
 
     def _read_interval(self, guest: Guest, memo: DomainMemo) -> None:

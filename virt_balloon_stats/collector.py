@@ -29,20 +29,27 @@ What it guarantees, and how:
   per incarnation (UUID, id); with ``events=True`` libvirt's events say when
   to list domains again or re-parse a domain's XML, and QEMU's polling
   interval is cached (see :class:`~virt_balloon_stats.client.DomainMemo`).
-  A steady cycle costs one ``qemuMonitorCommand`` per domain plus one bulk call.
+  A steady cycle costs a few bulk calls, and a ``qemuMonitorCommand`` for
+  each domain whose turn it is.
 * **The cross-check in turns.** With ``source='both'`` and events, each
-  domain's figures are compared with libvirt's one cycle in
-  ``crosscheck_every`` (:data:`DEFAULT_CROSSCHECK_EVERY`), the domains
-  taking turns; in the other cycles the bulk call asks for its state only,
-  which enters no monitor, and its balloon size comes from libvirt's
-  ``BALLOON_CHANGE`` events, as libvirt's own does. QEMU is still read
-  every cycle: its answer is what tells a stopped QEMU from a healthy one
-  before any call that would block. A reading not compared says so
-  (``skipped``, with its last conclusive cross-check beside it as
-  ``previous``), never "agree". A comparison that was not an agreement is
-  made again the next cycle. On the testbed, this takes libvirt's
-  ``memoryStats`` work off three domains in four: about 0.2 ms of
-  libvirtd's CPU per domain and cycle.
+  domain's figures are read from QEMU and compared with libvirt's one
+  cycle in ``crosscheck_every`` (:data:`DEFAULT_CROSSCHECK_EVERY`), the
+  domains taking turns. Between its turns a *settled* domain (its last
+  comparison agreed, its last reading was read, libvirt has a name for
+  each figure its QEMU gives) is read from libvirt's bulk figures alone:
+  the same ``guest-stats``, read through libvirt's own monitor, which costs
+  libvirtd about half what the passthrough does. When those figures say
+  something changed, QEMU's polling interval is read again, as a reading
+  of QEMU would. Any other domain reads QEMU every cycle, its bulk call
+  asks for its state only, and its balloon size comes from libvirt's
+  ``BALLOON_CHANGE`` events, as libvirt's own does. A reading not compared
+  says so (``skipped``, with its last conclusive cross-check beside it as
+  ``previous``), never "agree"; a comparison that was not an agreement is
+  made again the next cycle. A QEMU that stops between a settled domain's
+  turns holds the bulk call it is in; the other domains of that call ask
+  libvirt on their own after the cutoff, on time (see
+  :mod:`~virt_balloon_stats.rounds`), and it is not asked again while that
+  call is out.
 * **Reconnect.** A connection lost (libvirtd restarted or crashed) is seen
   through libvirt's close callback and keepalive, or through the failure of
   a call. Its domains are then reported ``unreachable`` ("lost the libvirt
@@ -241,10 +248,12 @@ class Collector:
     :param events: Use libvirt's events, close callback and keepalive
         (long-running use); without them each cycle lists domains again.
     :param readonly: Open read-only connections (only ``source='libvirt'`` works).
-    :param crosscheck_every: With ``source='both'`` and ``events``, compare
-        each domain's figures with libvirt's one cycle in this many (1:
-        every cycle). Without events every reading compares: nothing else
-        would keep libvirt's balloon size between comparisons.
+    :param crosscheck_every: With ``source='both'`` and ``events``, read
+        QEMU and compare each domain's figures with libvirt's one cycle in
+        this many (1: every cycle); between its turns a settled domain is
+        read from libvirt's figures. Without events every reading reads
+        QEMU and compares: nothing else would keep libvirt's balloon size
+        between comparisons.
     :param log_changes: Log a warning when a domain becomes unresponsive or
         answers again (a long-running service's log); a one-shot command
         reports on stderr itself.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Callable, List, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Callable, FrozenSet, List, Mapping, Optional, Tuple, TypeVar, Union
 
 from virt_balloon_stats.crosscheck import CrossCheck, Result, crosscheck, skipped
 from virt_balloon_stats.domxml import BalloonDevice
@@ -29,6 +29,7 @@ from virt_balloon_stats.stats import (
     RSS,
     GuestStats,
     Status,
+    has_libvirt_name,
     memory_stats_from_domstats,
 )
 
@@ -60,7 +61,8 @@ class DomainMemo:
 
     A one-shot reading starts with an empty memo; a long-running one keeps a
     memo per domain, so that a steady reading costs one QMP call
-    (``guest-stats``). The cached interval is re-read every
+    (``guest-stats``), or none between a settled domain's turns
+    (:attr:`settled`). The cached interval is re-read every
     :data:`~virt_balloon_stats.client.DEFAULT_REFRESH_SECONDS`, and at once when the figures disagree
     with it: the status would change (a disabled or lengthened interval
     makes fresh figures look stale), or ``last-update`` moved faster than
@@ -81,6 +83,45 @@ class DomainMemo:
     last_check: Optional[CrossCheck] = None
     #: Readings to go before the next comparison; 0: the next one compares.
     compare_in: int = 0
+    #: Where QEMU's figures were last read.
+    path: Optional[QOMPath] = None
+    #: What QEMU's last figures had that libvirt has no name for: the names
+    #: it said it does not support (shown so from libvirt's figures too),
+    #: and whether any had a value (then QEMU is read every time).
+    qemu_only_unsupported: FrozenSet[str] = frozenset()
+    qemu_only_values: bool = True
+
+    @property
+    def settled(self) -> bool:
+        """Whether libvirt's figures may stand in for QEMU's in a reading that is not the domain's turn.
+
+        libvirt reads the same ``guest-stats`` through its own monitor; the
+        passthrough costs libvirtd about twice what a domain's share of a
+        bulk call does. So between its turns a domain whose last comparison
+        agreed, whose last reading was read (``status``: a failure clears
+        it), whose polling interval and balloon size are known, and whose
+        QEMU gave no figure libvirt has no name for, is read from libvirt's
+        figures alone. Anything that says the figures changed makes the next
+        reading the domain's turn (:meth:`due`).
+        """
+        return (
+            self.device is not None
+            and self.device.present
+            and self.interval is not None
+            and self.path is not None
+            and self.actual_kib is not None
+            and self.status is not None
+            and not self.qemu_only_values
+            and self.last_check is not None
+            and self.last_check.result is Result.AGREE
+        )
+
+    def read_qemu(self, path: QOMPath, stats: GuestStats) -> None:
+        """Remember where QEMU was read and what its figures had that libvirt cannot say."""
+        self.path = path
+        only = [name for name in stats.values if not has_libvirt_name(name)]
+        self.qemu_only_unsupported = frozenset(n for n in only if stats.values[n] is None)
+        self.qemu_only_values = any(stats.values[n] is not None for n in only)
 
     def due(self, every: int, phase: int) -> bool:
         """Whether this reading is the domain's turn to be cross-checked (one in ``every``).
@@ -135,11 +176,14 @@ class Reading:
     path: Optional[QOMPath] = None
     stats: Optional[GuestStats] = None
     error: Optional[BalloonStatsError] = None
+    #: ``both``, between the domain's turns: QEMU was not read, libvirt's
+    #: figures stand in for its own (:attr:`DomainMemo.settled`).
+    from_libvirt: bool = False
 
     @property
     def libvirt_figures(self) -> bool:
         """Whether this reading needs libvirt's balloon figures (else only the state)."""
-        return self.source == "libvirt" or (self.source == "both" and self.compare)
+        return self.source == "libvirt" or (self.source == "both" and (self.compare or self.from_libvirt))
 
 
 class LibvirtSide:

@@ -9,7 +9,8 @@ this module decides which calls a cycle makes and when:
 * :func:`start_reading`, :func:`read_then_join`: each domain's reading
   reads QEMU first (one passthrough call) in a worker, then joins its
   host's :class:`BulkRound`; a reading with nothing to ask first (the
-  ``libvirt`` source) joins at once, without a worker;
+  ``libvirt`` source, a settled domain between its turns) joins at once,
+  without a worker;
 * :class:`BulkRound`: libvirt's state and balloon figures of the domains
   whose QEMU answered come in a few bulk ``virDomainListGetStats`` calls,
   sent in chunks while the other reads go on; :class:`BulkCalls` bounds how
@@ -124,7 +125,7 @@ def start_reading(
     (:func:`_finish`), the exporter's own CPU with ``--source libvirt``
     went from 0.30 to 0.21 ms a domain-cycle (30 domains, 5 s interval).
     """
-    if client.begin_calls(source, slot.memo):
+    if client.begin_calls(source, slot.memo, compare):
         read = pool.submit(client.host.leased, read_then_join, client, slot, bulk, source, compare)
     else:
         reading = client.begin_sample(slot.guest, source, memo=slot.memo, crosscheck=compare)
@@ -195,10 +196,15 @@ class BulkRound:
     reading that joins sent at once (:meth:`hurry`), and at the cutoff it
     closes the round (:meth:`close`).
 
-    A domain whose QEMU hangs never joins, so it is never part of a call:
-    with a hung QEMU whose job is free, a bulk call that included it would
-    block until QEMU moved again. A reading that comes back after the round
-    closed finishes on its own. (Bulk calls sent alongside the QMP reads, as
+    A domain whose QMP read hangs never joins, so it is never part of a
+    call: with a hung QEMU whose job is free, a bulk call that included it
+    would block until QEMU moved again. A reading that joins without a read
+    (the ``libvirt`` source, a settled domain between its turns) has no such
+    probe: a QEMU stopped since its last cycle holds its call, and at the
+    cutoff that call's domains ask libvirt on their own (:func:`run_rounds`),
+    on time; the stopped one's own call then holds only its lane, and it is
+    not asked again while that is out. A reading that comes back after the
+    round closed finishes on its own. (Bulk calls sent alongside the QMP reads, as
     the bare floor does, were tried: with ``NOWAIT`` they skip the domains
     whose jobs the reads hold, and without it a QEMU stopped at the wrong
     moment left a healthy domain's calls blocked too, seen on the testbed.)

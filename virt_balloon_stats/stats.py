@@ -23,6 +23,7 @@ __all__ = [
     "StatSpec",
     "STATS",
     "STATS_BY_QEMU_NAME",
+    "has_libvirt_name",
     "ACTUAL",
     "LAST_UPDATE",
     "RSS",
@@ -185,6 +186,13 @@ STATS: Tuple[StatSpec, ...] = (
 )
 
 STATS_BY_QEMU_NAME: Mapping[str, StatSpec] = {s.qemu: s for s in STATS}
+
+
+def has_libvirt_name(qemu_name: str) -> bool:
+    """Whether libvirt reports this QEMU figure (a name unknown here, from a newer QEMU, it does not)."""
+    spec = STATS_BY_QEMU_NAME.get(qemu_name)
+    return spec is not None and spec.libvirt is not None
+
 
 #: ``query-balloon``'s ``actual``: the guest's current memory size after ballooning.
 ACTUAL = StatSpec("actual", "actual", "balloon.current", "bytes", "current balloon size (guest memory)")

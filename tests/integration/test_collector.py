@@ -26,7 +26,7 @@ from tests.integration.test_cli import CLI, WATCH_HEADER, dommemstat, qmp, qom_p
 from virt_balloon_stats.collector import LOST_CONNECTION, Collector, Cycle
 from virt_balloon_stats.errors import QEMUUnresponsive
 from virt_balloon_stats.sample import Sample
-from virt_balloon_stats.stats import Status
+from virt_balloon_stats.stats import Status, has_libvirt_name
 
 #: Deadline given to one-shot commands in these tests, and the slack allowed
 #: for the process to start (imports) and exit.
@@ -168,7 +168,16 @@ def test_long_running_collector_keeps_its_pace_with_one_qemu_stopped(four_guests
 # -- steady state ---------------------------------------------------------------------------
 
 
-def test_steady_cycles_make_one_qmp_call_per_domain_and_no_xml_or_state(four_guests, conn):
+def _qemu_only(s: Sample) -> bool:
+    """Whether the guest reports figures libvirt has no name for (a Linux 6.12 guest on QEMU 10)."""
+    values = s.stats.values if s.stats is not None else {}
+    return any(v is not None and not has_libvirt_name(n) for n, v in values.items())
+
+
+def test_steady_cycles_read_qemu_in_turns_and_no_xml_or_state(four_guests, conn):
+    """Each domain is compared one cycle in four; between its turns a settled domain is read from
+    libvirt's bulk figures alone, and QEMU through its monitor only when the guest reports
+    figures libvirt has no name for."""
     with Collector([URI], domains=four_guests, events=True) as collector:
         first = collector.collect()
         assert first.calls.get("XMLDesc") == len(four_guests)
@@ -176,10 +185,12 @@ def test_steady_cycles_make_one_qmp_call_per_domain_and_no_xml_or_state(four_gue
         for _ in range(5):
             time.sleep(0.5)
             cycles.append(collector.collect())
+    qemu_only = {s.domain: _qemu_only(s) for s in first.samples}
     for cycle in cycles:
         assert set(by_name(cycle).values()) == {"ok"}
         assert cycle.calls.get("XMLDesc", 0) == 0 and cycle.calls.get("state", 0) == 0, cycle.calls
-        # One call for the domains due for their cross-check, one for the others' state.
+        # One call with libvirt's figures (and, while some domain reads QEMU between its turns,
+        # one with the others' state).
         assert cycle.calls.get("domainListGetStats") in (1, 2), cycle.calls
         assert "listAllDomains" not in cycle.calls and "lookupByName" not in cycle.calls
         for s in cycle.samples:
@@ -187,8 +198,10 @@ def test_steady_cycles_make_one_qmp_call_per_domain_and_no_xml_or_state(four_gue
             # reads), or not this turn, and then never called "agree".
             assert s.crosscheck.result.value in ("agree", "inconclusive", "skipped"), s.crosscheck
             if s.crosscheck.result.value == "skipped":
-                assert s.crosscheck.checked == 0 and s.libvirt is None
+                assert s.crosscheck.checked == 0
                 assert s.crosscheck.previous is not None and not s.crosscheck.previous.mismatches
+                # libvirt's figures stand in for QEMU's, unless QEMU has some libvirt cannot say.
+                assert (s.libvirt is None) is qemu_only[s.domain], (s.domain, s.libvirt)
     compared = {name: 0 for name in four_guests}
     for cycle in cycles:
         for s in cycle.samples:
@@ -196,8 +209,13 @@ def test_steady_cycles_make_one_qmp_call_per_domain_and_no_xml_or_state(four_gue
     # Five cycles, one in four compared: every domain at least once, none every time.
     assert all(1 <= n <= 4 for n in compared.values()), compared
     monitor = sum(c.calls.get("qemuMonitorCommand", 0) for c in cycles)
-    per_domain = monitor / (len(cycles) * len(four_guests))
-    assert per_domain <= 1.1, [dict(c.calls) for c in cycles]
+    # QEMU read in a domain's turns (a re-read when the guest answered between the two reads),
+    # and every cycle for a domain whose figures libvirt cannot all say.
+    every_cycle = len(cycles) * sum(qemu_only.values())
+    turns = sum(n for name, n in compared.items() if not qemu_only[name])
+    assert monitor <= every_cycle + 2 * turns, [dict(c.calls) for c in cycles]
+    if not any(qemu_only.values()):
+        assert monitor < len(cycles) * len(four_guests) / 2, [dict(c.calls) for c in cycles]
     # The one re-read the collector keeps: memoryStats() of a domain whose
     # guest answered between the QMP read and the bulk call.
     re_reads = sum(c.calls.get("memoryStats", 0) for c in cycles)
@@ -205,15 +223,18 @@ def test_steady_cycles_make_one_qmp_call_per_domain_and_no_xml_or_state(four_gue
 
 
 def test_between_its_turns_a_domains_balloon_size_is_libvirts_after_a_setmem(four_guests):
-    """The size in a turn without libvirt's figures comes from libvirt's BALLOON_CHANGE events:
-    after ``virsh setmem`` it is what ``dommemstat`` says, not what it was before."""
+    """Between its turns the size is libvirt's, after ``virsh setmem`` what ``dommemstat`` says:
+    from the bulk call with the rest of libvirt's figures, or, for a guest read from QEMU every
+    cycle (figures libvirt has no name for), from libvirt's BALLOON_CHANGE events, with no
+    ``query-balloon``."""
     guest = four_guests[0]
     before = dommemstat(guest)["actual"]
     target = before - 32 * 1024
     with Collector([URI], domains=[guest], events=True, crosscheck_every=1000) as collector:
         # The first reading compares, and so does the next (its turn, at phase 0); then none.
         for _ in range(2):
-            assert collector.collect().samples[0].crosscheck.result.value in ("agree", "inconclusive")
+            first = collector.collect().samples[0]
+            assert first.crosscheck.result.value in ("agree", "inconclusive")
         try:
             virsh("setmem", guest, f"{target}K", "--live")
             wait_for(lambda: dommemstat(guest)["actual"] == target, timeout=60, what="the balloon to settle")
@@ -222,7 +243,8 @@ def test_between_its_turns_a_domains_balloon_size_is_libvirts_after_a_setmem(fou
             [s] = cycle.samples
             assert s.crosscheck.result.value == "skipped", s.crosscheck
             assert s.actual_bytes == target * 1024 == dommemstat(guest)["actual"] * 1024
-            assert cycle.calls.get("qemuMonitorCommand") == 1, cycle.calls  # guest-stats only
+            # guest-stats only, or nothing through QEMU's monitor.
+            assert cycle.calls.get("qemuMonitorCommand", 0) == int(_qemu_only(first)), cycle.calls
         finally:
             virsh("setmem", guest, f"{before}K", "--live")
             wait_for(lambda: dommemstat(guest)["actual"] == before, timeout=60, what="the balloon back")

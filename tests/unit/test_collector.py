@@ -671,9 +671,10 @@ def test_unknown_named_domain_is_a_problem_and_the_others_are_read():
 class Opener:
     """Stands in for BalloonStats.open: a fresh fake connection each time, or a refusal."""
 
-    def __init__(self, names: List[str], *, refuse: int = 0) -> None:
+    def __init__(self, names: List[str], *, refuse: int = 0, stack: str = "debian12") -> None:
         self.names = names
         self.refuse = refuse
+        self.stack = stack
         self.worlds: List[World] = []
         self.calls: List[str] = []
 
@@ -682,7 +683,7 @@ class Opener:
         if self.refuse:
             self.refuse -= 1
             raise ConnectionFailed("cannot connect; is libvirtd running, and may this user use it? (test)")
-        w = _world(self.names)
+        w = _world(self.names, self.stack)
         self.worlds.append(w)
         return w.client
 
@@ -1003,8 +1004,9 @@ def test_stop_closes_only_what_it_is_told_to(close, closed):
 # -- events -------------------------------------------------------------------------------------------
 
 
-def _events_collector(opener: Opener) -> Collector:
-    return Collector([URI], opener=opener, events=True, timeout=TIMEOUT)
+def _events_collector(opener: Opener, **kwargs: Any) -> Collector:
+    kwargs.setdefault("timeout", TIMEOUT)
+    return Collector([URI], opener=opener, events=True, **kwargs)
 
 
 def test_events_are_registered_on_the_connection_it_opens():
@@ -1028,7 +1030,8 @@ def test_a_domain_stopping_mid_call_is_not_taken_for_a_lost_connection():
     leaves the cycle; the connection, which still answers, is kept (no reconnect, nothing leaked)."""
     names = ["virtio-hog", "nostats"]
     opener = Opener(names)
-    with _events_collector(opener) as collector:
+    # Every cycle compares, so QEMU is read every cycle (between turns a settled domain is not).
+    with _events_collector(opener, crosscheck_every=1) as collector:
         collector.collect()
         w = opener.worlds[0]
         dom = _dom(w, "virtio-hog")
@@ -1053,8 +1056,9 @@ def test_with_events_steady_cycles_do_not_list_domains():
     assert first.calls["listAllDomains"] == 1
     for cycle in cycles:
         assert "listAllDomains" not in cycle.calls
-        # One domain due for its cross-check (libvirt's figures), the other its state only.
-        assert cycle.calls["domainListGetStats"] == 2
+        # Both with libvirt's figures, in one call: one domain due for its cross-check, the other
+        # settled between its turns.
+        assert cycle.calls["domainListGetStats"] == 1
         assert by_name(cycle) == _expected(names)
 
 
@@ -1074,13 +1078,16 @@ def _bulk_names(conn: Any, since: int = 0) -> Dict[int, List[str]]:
 
 
 def test_with_events_each_domain_is_crosschecked_one_cycle_in_four():
-    """The first cycle compares every domain; then each one cycle in four, the domains taking
-    turns; the others' bulk call asks for their state only, and their samples say they were not
-    compared, with the last comparison beside it, never "agree"."""
+    """The first cycle reads QEMU and compares every domain; then each domain's turn comes one
+    cycle in four, the domains taking turns. Between its turns a settled domain (its last
+    comparison agreed) is not asked through QEMU's monitor: libvirt's figures from the bulk call
+    stand in, and its sample says it was not compared, with the last comparison beside it,
+    never "agree"."""
     opener = Opener(TURNS)
     with _events_collector(opener) as collector:
         first = collector.collect()
-        conn = opener.worlds[0].conn
+        w = opener.worlds[0]
+        conn = w.conn
         assert sorted(_bulk_names(conn)[WITH_FIGURES]) == sorted(f"vbs-tb-rec-{n}" for n in TURNS)
         assert _bulk_names(conn)[STATE_ONLY] == []
         assert {s.crosscheck.result.value for s in first.samples} == {"agree"}
@@ -1088,12 +1095,15 @@ def test_with_events_each_domain_is_crosschecked_one_cycle_in_four():
         per_cycle = []
         for _ in range(8):
             before = len(conn.calls_to("domainListGetStats"))
+            read = len(w.transport.commands("qom-get"))
             cycle = collector.collect()
             named = _bulk_names(conn, before)
             due = {s.domain for s in cycle.samples if s.crosscheck.result.value == "agree"}
             per_cycle.append(len(due))
-            assert set(named[WITH_FIGURES]) == due
-            assert set(named[STATE_ONLY]) == {s.domain for s in cycle.samples} - due
+            assert sorted(named[WITH_FIGURES]) == sorted(s.domain for s in cycle.samples)
+            assert named[STATE_ONLY] == []
+            # QEMU is read for the domains due (guest-stats), and for no other.
+            assert len(w.transport.commands("qom-get")) - read == len(due)
             for s in cycle.samples:
                 if s.domain in due:
                     compared[s.domain] += 1
@@ -1104,16 +1114,23 @@ def test_with_events_each_domain_is_crosschecked_one_cycle_in_four():
                 assert s.crosscheck.previous is not None
                 assert s.crosscheck.previous.result.value == "agree"
                 assert s.crosscheck.previous.at is not None and s.crosscheck.previous.at <= s.sampled_at
-                assert s.libvirt is None
+                # libvirt's figures, shown as QEMU's would be: the same as a reading of QEMU.
+                dom = _dom(w, s.domain[len("vbs-tb-rec-"):])
+                assert s.libvirt == dom.fixture["memory_stats"]
+                alone = _world([dom.fixture["scenario"]]).client.sample(s.domain)
+                assert (s.stats, s.status, s.qom_path, s.polling) == (
+                    alone.stats, alone.status, alone.qom_path, alone.polling
+                ), s.domain
             assert by_name(cycle) == _expected(TURNS)
     assert compared == {d: 2 for d in compared}, "each domain compared twice in eight cycles"
     assert max(per_cycle) <= 2, f"the turns bunch up: {per_cycle}"
 
 
 def test_a_turn_without_libvirts_figures_takes_the_balloon_size_from_libvirts_event():
-    """Between comparisons the size is libvirt's, as its BALLOON_CHANGE event told it (libvirt
-    keeps its own the same way), and QEMU is not asked for it (no query-balloon)."""
-    opener = Opener(["virtio-hog", "nostats"])
+    """A guest whose figures libvirt has no name for (a Linux 6.12 guest on QEMU 10) is read from
+    QEMU every cycle. Between comparisons its size is libvirt's, as its BALLOON_CHANGE event told
+    it (libvirt keeps its own the same way), and QEMU is not asked for it (no query-balloon)."""
+    opener = Opener(["virtio-hog", "nostats"], stack="next")
     with _events_collector(opener) as collector:
         w = None
         results: List[str] = []
@@ -1138,6 +1155,39 @@ def test_a_turn_without_libvirts_figures_takes_the_balloon_size_from_libvirts_ev
     assert s.crosscheck.result.value == "skipped"
     assert s.actual_bytes == smaller * 1024
     assert len(w.transport.commands("query-balloon")) == queried
+    assert s.libvirt is None and s.get("stat-oom-kills") is not None  # QEMU's own figures
+
+
+def test_between_turns_libvirts_figures_stand_in_until_something_changes():
+    """A settled domain between its turns is read from libvirt's figures (no QMP). When they say
+    something changed (here: the guest stopped updating, so the status is no longer ok), QEMU's
+    live interval is read first, as a reading of QEMU would (it may have been lengthened behind
+    the collector's back), and not QEMU's figures."""
+    opener = Opener(["virtio-hog", "nostats"])
+    with _events_collector(opener) as collector:
+        results: List[str] = []
+        # Two readings between turns in a row: the next is between turns too (one in four compares).
+        while results[-2:] != ["skipped", "skipped"]:
+            assert len(results) < 8, results
+            w = opener.worlds[-1] if opener.worlds else None
+            read = len(w.transport.commands(domain="vbs-tb-rec-virtio-hog")) if w else 0
+            cycle = collector.collect()
+            [s] = [s for s in cycle.samples if s.domain == "vbs-tb-rec-virtio-hog"]
+            results.append(s.crosscheck.result.value)
+        w = opener.worlds[0]
+        dom = _dom(w, "virtio-hog")
+        assert len(w.transport.commands(domain=dom.name())) == read  # libvirt's figures alone
+        steady = cycle
+        # libvirt's record now carries an update far older than the interval allows: stale.
+        stale = {"balloon.last-update": dom.fixture["all_domain_stats"]["balloon.last-update"] - 3600}
+        dom.fixture["all_domain_stats"] = dict(dom.fixture["all_domain_stats"], **stale)
+        cycle = collector.collect()
+    [before] = [s for s in steady.samples if s.domain == dom.name()]
+    [changed] = [s for s in cycle.samples if s.domain == dom.name()]
+    assert before.status is Status.OK and before.crosscheck.reason == NOT_THIS_TURN
+    assert changed.crosscheck.reason == NOT_THIS_TURN and changed.status is Status.STALE
+    asked = w.transport.commands(domain=dom.name())[read:]
+    assert [c["arguments"]["property"] for c in asked] == ["guest-stats-polling-interval"]
 
 
 def test_without_events_every_reading_is_crosschecked():
@@ -1466,3 +1516,58 @@ def test_a_lane_whose_connection_was_lost_is_never_used_again():
     assert statuses[-2:] == [{w.domain.name(): "ok"}] * 2, statuses
     assert all(conn.closed for conn in lanes)
     assert len(w.conn.connections) > 1 + len(lanes)
+
+
+def test_a_settled_domain_that_hangs_between_its_turns_holds_up_no_other_domain():
+    """Between its turns a settled domain is not read through QEMU first, so a QEMU stopped then
+    holds the bulk call it is in: after the cutoff the others in that call ask libvirt on their
+    own, on time; it alone is unresponsive, and is not asked again while its call is out."""
+    opener = Opener(HUNG_SET)
+    with _events_collector(opener, timeout=HUNG_TIMEOUT) as collector:
+        first = collector.collect()
+        assert by_name(first) == _expected(HUNG_SET)
+        w = opener.worlds[0]
+        dom = _dom(w, HUNG)
+        # Its turn (compared), after the first cycle: the next three readings are between turns.
+        for _ in range(5):
+            [s] = [s for s in collector.collect().samples if s.domain == dom.name()]
+            if s.crosscheck.result.value == "agree":
+                break
+        else:
+            raise AssertionError("no turn in five cycles")
+        releases = [dom.hang(m) for m in ("domainListGetStats", "memoryStats", "qemuMonitorCommand", "state")]
+        try:
+            cycles = [_timed_collect(collector) for _ in range(3)]
+        finally:
+            for release in releases:
+                release.set()
+    healthy = _expected([n for n in HUNG_SET if n != HUNG])
+    for cycle in cycles:
+        assert by_name(cycle)[dom.name()] == "unresponsive"
+        assert _healthy(cycle) == healthy
+    # No QMP read first: the bulk call it held, then its own memoryStats() after the cutoff, which
+    # it held too; nothing more while that is out.
+    held = {m: dom.held(m) for m in ("domainListGetStats", "memoryStats", "qemuMonitorCommand")}
+    assert held == {"domainListGetStats": 1, "memoryStats": 1, "qemuMonitorCommand": 0}
+
+
+def test_between_turns_a_figure_libvirt_has_no_name_for_stays_unsupported():
+    """QEMU 10 names figures libvirt 11 does not: those QEMU said it does not support (-1) are
+    shown so between turns too, and the sample is the one a reading of QEMU would make; a guest
+    that fills them in is read from QEMU every cycle (see the balloon-size test above)."""
+    names = ["noos", "nodriver"]
+    opener = Opener(names, stack="next")
+    with _events_collector(opener) as collector:
+        cycles = [collector.collect() for _ in range(4)]
+    w = opener.worlds[0]
+    between = [s for c in cycles[1:] for s in c.samples if s.crosscheck.reason == NOT_THIS_TURN]
+    assert len(between) >= 4
+    for s in between:
+        fixture = _dom(w, s.domain[len("vbs-tb-rec-"):]).fixture
+        alone = _world([fixture["scenario"]], "next").client.sample(s.domain)
+        assert "stat-oom-kills" in alone.stats.values  # QEMU 10's, unsupported here
+        assert (s.stats, s.status, s.qom_path, s.polling) == (
+            alone.stats, alone.status, alone.qom_path, alone.polling
+        )
+        reads = w.transport.commands("qom-get", s.domain)
+        assert sum(c["arguments"]["property"] == "guest-stats" for c in reads) < len(cycles)

@@ -219,7 +219,7 @@ PUBLIC_MEMBERS = {
         "sample_many": "refs=..., source=..., *, workers=..., timeout=...",
         "begin_sample": "ref, source=..., *, memo=..., crosscheck=...",
         "finish_sample": "reading, record=...",
-        "begin_calls": "source, memo",
+        "begin_calls": "source, memo, crosscheck=...",
         "finish_from_record": "reading, record",
     },
     "Collector": {

@@ -412,9 +412,9 @@ def add_source(parser: argparse.ArgumentParser, default: str = "both", *, long_r
             type=whole,
             default=CROSSCHECK_EVERY,
             metavar="N",
-            help="with --source both: compare each domain with libvirt one cycle in N, the domains "
-            "taking turns (QEMU is still read every cycle); 1: every cycle "
-            f"(default: {CROSSCHECK_EVERY})",
+            help="with --source both: read QEMU and compare each domain with libvirt one cycle in N, "
+            "the domains taking turns (between turns, libvirt's figures once they agreed); 1: every "
+            f"cycle (default: {CROSSCHECK_EVERY})",
         )
 
 
