@@ -522,15 +522,7 @@ class BalloonStats:
         if compare:
             check = dataclasses.replace(check, at=now)
             memo.compared(check)
-        status, message = self._classify(state, memo.interval, stats, now)
-        if not reading.refreshed and (
-            status is not memo.status or shortened(memo.last_update, stats.last_update, memo.interval)
-        ):
-            # The figures say something changed: confirm against QEMU's live
-            # interval, which may have been changed behind our back.
-            self._read_interval(guest, memo)
-            status, message = self._classify(state, memo.interval, stats, now)
-        memo.status, memo.last_update = status, stats.last_update
+        status, message = self._status(reading, state, stats, now, confirm=not reading.refreshed)
         memo.read_qemu(path, stats)
         return base.sample(
             state=state,
@@ -569,16 +561,7 @@ class BalloonStats:
         if actual is not None:
             memo.actual_kib = ACTUAL.to_libvirt(actual)
         now = self.clock()
-        status, message = self._classify(state, memo.interval, stats, now)
-        if status is not memo.status or shortened(memo.last_update, stats.last_update, memo.interval):
-            # As a reading of QEMU would: confirm against QEMU's live interval,
-            # which may have been changed behind our back. A call: a collector
-            # finishing this where the record arrived hands it to a worker.
-            if not may_call:
-                raise _NeedsACall()
-            self._read_interval(reading.guest, memo)
-            status, message = self._classify(state, memo.interval, stats, now)
-        memo.status, memo.last_update = status, stats.last_update
+        status, message = self._status(reading, state, stats, now, confirm=True, may_call=may_call)
         return base.sample(
             state=state,
             sampled_at=now,
@@ -591,6 +574,30 @@ class BalloonStats:
             actual_bytes=actual,
             libvirt=figures,
         )
+
+    def _status(
+        self, reading: Reading, state: str, stats: GuestStats, now: float, *, confirm: bool,
+        may_call: bool = True,
+    ) -> Tuple[Status, str]:
+        """The reading's status, remembered; with ``confirm``, against QEMU's live interval when in doubt.
+
+        When the figures say something changed (another status than the
+        last, updates closer than the interval allows), the cached interval
+        may have been changed behind our back: it is read again first. That
+        is a call: without ``may_call`` (a second half finished where its
+        record arrived) :class:`_NeedsACall` hands the reading to a worker.
+        """
+        memo = reading.memo
+        status, message = self._classify(state, memo.interval, stats, now)
+        if confirm and (
+            status is not memo.status or shortened(memo.last_update, stats.last_update, memo.interval)
+        ):
+            if not may_call:
+                raise _NeedsACall()
+            self._read_interval(reading.guest, memo)
+            status, message = self._classify(state, memo.interval, stats, now)
+        memo.status, memo.last_update = status, stats.last_update
+        return status, message
 
     def _read_interval(self, guest: Guest, memo: DomainMemo) -> None:
         """Read QEMU's live polling interval into ``memo`` and schedule the next read."""

@@ -512,15 +512,20 @@ def test_fewer_workers_than_domains_still_make_one_bulk_call_for_all(workers):
     assert cycle.calls.get("memoryStats", 0) == 0, cycle.calls
 
 
-def test_bulk_calls_come_in_shrinking_chunks_that_cover_every_domain_once():
-    """30 domains, 3 bulk calls: later chunks are smaller, so the call sent after the last read is short."""
+def _thirty() -> World:
+    """30 domains recorded as the virtio scenario, each a UUID, name and id of its own."""
     fixtures = []
     for i in range(30):
         fixture = load("virtio")
         uuid = f"00000000-0000-4000-8000-{i:012d}"
         fixture["domain"].update(name=f"vbs-tb-many-{i:02d}", uuid=uuid, id=100 + i)
         fixtures.append(fixture)
-    w = World(fixtures, now=now_for(fixtures[0]))
+    return World(fixtures, now=now_for(fixtures[0]))
+
+
+def test_bulk_calls_come_in_shrinking_chunks_that_cover_every_domain_once():
+    """30 domains, 3 bulk calls: later chunks are smaller, so the call sent after the last read is short."""
+    w = _thirty()
     for dom in w.domains:
         _keep_interval(w, dom)
     with _collector(w, workers=4, timeout=5.0) as collector:
@@ -536,13 +541,7 @@ def test_bulk_calls_come_in_shrinking_chunks_that_cover_every_domain_once():
 
 def test_source_libvirt_reads_thirty_domains_in_one_bulk_call():
     """No QMP read for the chunks to overlap: one call for all, not three (each a round trip of its own)."""
-    fixtures = []
-    for i in range(30):
-        fixture = load("virtio")
-        uuid = f"00000000-0000-4000-8000-{i:012d}"
-        fixture["domain"].update(name=f"vbs-tb-many-{i:02d}", uuid=uuid, id=100 + i)
-        fixtures.append(fixture)
-    w = World(fixtures, now=now_for(fixtures[0]))
+    w = _thirty()
     with _collector(w, source="libvirt", workers=4, timeout=5.0) as collector:
         collector.collect()
         before = len(w.conn.calls_to("domainListGetStats"))
