@@ -402,12 +402,13 @@ class BalloonStats:
     def finish_from_record(self, reading: Reading, record: DomainRecord) -> Optional[Sample]:
         """:meth:`finish_sample` when a bulk record is all it needs, without a call; else ``None``.
 
-        A reading that did not read QEMU (``libvirt``, or no balloon) is made
-        of the record's state and figures alone when the record has them all,
-        so a collector finishes it where the record arrives instead of
-        handing it to a worker. Anything else, a record that ``NOWAIT`` left
-        short included, gives ``None``: :meth:`finish_sample` then makes its
-        calls, in a worker.
+        A reading that did not read QEMU (``libvirt``, no balloon, or ``both``
+        between a settled domain's turns) is made of the record's state and
+        figures alone when the record has them all and nothing says QEMU's
+        interval must be read again, so a collector finishes it where the
+        record arrives instead of handing it to a worker. Anything else, a
+        record that ``NOWAIT`` left short included, gives ``None``:
+        :meth:`finish_sample` then makes its calls, in a worker.
         """
         memo = reading.memo
         if reading.error is not None or reading.stats is not None or memo.device is None:

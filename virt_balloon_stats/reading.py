@@ -101,8 +101,10 @@ class DomainMemo:
         agreed, whose last reading was read (``status``: a failure clears
         it), whose polling interval and balloon size are known, and whose
         QEMU gave no figure libvirt has no name for, is read from libvirt's
-        figures alone. Anything that says the figures changed makes the next
-        reading the domain's turn (:meth:`due`).
+        figures alone. When they say something changed (another status,
+        updates closer than the interval), QEMU's interval is read again
+        first, as in a reading of QEMU; a failed reading clears ``status``,
+        so the next one reads QEMU whatever its turn.
         """
         return (
             self.device is not None
