@@ -544,9 +544,9 @@ class BalloonStats:
         """``both`` between a settled domain's turns: libvirt's figures stand in for QEMU's.
 
         They are the same ``guest-stats`` read through libvirt's monitor, as
-        the domain's last comparison found. The sample shows them as a
-        reading of QEMU would (its path, its interval, what it does not
-        support), and says it was not compared. When the figures say
+        the domain's last comparison found, and libvirt names every one its
+        QEMU does. The sample shows them as a reading of QEMU would (its
+        path, its interval), and says it was not compared. When the figures say
         something changed (another status, updates closer than the
         interval), QEMU's live interval is read first, as in a reading of
         QEMU (``may_call`` false: :class:`_NeedsACall` instead).
@@ -556,9 +556,6 @@ class BalloonStats:
         figures = side.stats()
         state = side.state()
         stats, actual = stats_from_libvirt(figures)
-        if memo.qemu_only_unsupported:
-            unsupported = dict.fromkeys(memo.qemu_only_unsupported)
-            stats = GuestStats({**stats.values, **unsupported}, stats.last_update)
         if actual is not None:
             memo.actual_kib = ACTUAL.to_libvirt(actual)
         now = self.clock()

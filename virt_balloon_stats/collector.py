@@ -36,7 +36,7 @@ What it guarantees, and how:
   cycle in ``crosscheck_every`` (:data:`DEFAULT_CROSSCHECK_EVERY`), the
   domains taking turns. Between its turns a *settled* domain (its last
   comparison agreed, its last reading was read, libvirt has a name for
-  each figure its QEMU gives) is read from libvirt's bulk figures alone:
+  each figure its QEMU names) is read from libvirt's bulk figures alone:
   the same ``guest-stats``, read through libvirt's own monitor, which costs
   libvirtd about half what the passthrough does. When those figures say
   something changed, QEMU's polling interval is read again, as a reading

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Callable, FrozenSet, List, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Callable, List, Mapping, Optional, Tuple, TypeVar, Union
 
 from virt_balloon_stats.crosscheck import CrossCheck, Result, crosscheck, skipped
 from virt_balloon_stats.domxml import BalloonDevice
@@ -85,11 +85,11 @@ class DomainMemo:
     compare_in: int = 0
     #: Where QEMU's figures were last read.
     path: Optional[QOMPath] = None
-    #: What QEMU's last figures had that libvirt has no name for: the names
-    #: it said it does not support (shown so from libvirt's figures too),
-    #: and whether any had a value (then QEMU is read every time).
-    qemu_only_unsupported: FrozenSet[str] = frozenset()
-    qemu_only_values: bool = True
+    #: Whether QEMU's last figures named one libvirt has no name for (QEMU
+    #: 10 names six): then QEMU is read every time, since only it can say
+    #: whether the guest fills them in (a guest whose driver comes back
+    #: after a reset does, at once).
+    qemu_only: bool = True
 
     @property
     def settled(self) -> bool:
@@ -100,7 +100,7 @@ class DomainMemo:
         bulk call does. So between its turns a domain whose last comparison
         agreed, whose last reading was read (``status``: a failure clears
         it), whose polling interval and balloon size are known, and whose
-        QEMU gave no figure libvirt has no name for, is read from libvirt's
+        QEMU names no figure libvirt has no name for, is read from libvirt's
         figures alone. When they say something changed (another status,
         updates closer than the interval), QEMU's interval is read again
         first, as in a reading of QEMU; a failed reading clears ``status``,
@@ -113,17 +113,15 @@ class DomainMemo:
             and self.path is not None
             and self.actual_kib is not None
             and self.status is not None
-            and not self.qemu_only_values
+            and not self.qemu_only
             and self.last_check is not None
             and self.last_check.result is Result.AGREE
         )
 
     def read_qemu(self, path: QOMPath, stats: GuestStats) -> None:
-        """Remember where QEMU was read and what its figures had that libvirt cannot say."""
+        """Remember where QEMU was read, and whether it names figures libvirt cannot say."""
         self.path = path
-        only = [name for name in stats.values if not has_libvirt_name(name)]
-        self.qemu_only_unsupported = frozenset(n for n in only if stats.values[n] is None)
-        self.qemu_only_values = any(stats.values[n] is not None for n in only)
+        self.qemu_only = not all(has_libvirt_name(name) for name in stats.values)
 
     def due(self, every: int, phase: int) -> bool:
         """Whether this reading is the domain's turn to be cross-checked (one in ``every``).
