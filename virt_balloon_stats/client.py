@@ -81,6 +81,11 @@ class _NeedsACall(Exception):
     """A second half begun without calls (:meth:`BalloonStats.finish_from_record`) needs one after all."""
 
 
+def _compares(memo: DomainMemo, crosscheck: bool) -> bool:
+    """Whether a reading compares: when asked to, and while nothing else knows libvirt's balloon size."""
+    return crosscheck or memo.actual_kib is None
+
+
 def _stands_in(source: str, memo: DomainMemo, compare: bool) -> bool:
     """Whether libvirt's figures stand in for QEMU's in this reading (``both``, not compared, settled)."""
     return source == "both" and not compare and memo.settled
@@ -367,7 +372,7 @@ class BalloonStats:
             raise InvalidArgument(f"unknown source {source!r}; use one of: {', '.join(SOURCES)}")
         guest = self.guest(ref)
         memo = memo if memo is not None else DomainMemo()
-        reading = Reading(guest, source, memo, compare=crosscheck or memo.actual_kib is None)
+        reading = Reading(guest, source, memo, compare=_compares(memo, crosscheck))
         try:
             if memo.device is None:
                 memo.device = self.balloon_device(guest)
@@ -396,7 +401,7 @@ class BalloonStats:
         """
         if memo.device is None:
             return True
-        compare = crosscheck or memo.actual_kib is None
+        compare = _compares(memo, crosscheck)
         return memo.device.present and source != "libvirt" and not _stands_in(source, memo, compare)
 
     def finish_from_record(self, reading: Reading, record: DomainRecord) -> Optional[Sample]:
